@@ -1,0 +1,13 @@
+"""bnfx: ghost and synchronized batch norm as torch.fx / torch.compile graph passes.
+
+    torch.compile(model, backend="bnfx", options={"ghost_batch_size": 32})
+    gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
+"""
+
+import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
+from bnfx.compile_backend import backend
+from bnfx.options import Options, resolve_options
+from bnfx.passes import Report, find_sites
+from bnfx.transform import explain, transform
+
+__all__ = ["Options", "Report", "backend", "explain", "find_sites", "resolve_options", "transform"]

@@ -1,0 +1,59 @@
+"""The torch.compile backend: bnfx passes on Dynamo's graph, then an inner compiler."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from bnfx.options import Options, resolve_options
+from bnfx.passes import run_passes
+
+log = logging.getLogger("bnfx")
+_graph_ids = itertools.count()
+
+
+def backend(**options) -> Callable:
+    """A torch.compile backend with the given options, checked now.
+
+    >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, inner="aot_eager"))
+    """
+    opts = resolve_options(options, backend=True)
+
+    def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any]):
+        return _compile(gm, example_inputs, opts)
+
+    return bnfx_compile
+
+
+def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
+    """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``."""
+    opts = resolve_options(dict(options or {}), backend=True)
+    return _compile(gm, example_inputs, opts, mode)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode: str | None = None):
+    report = run_passes(gm, opts)
+    log.info(
+        "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s)",
+        next(_graph_ids), report.found, report.rewritten_count, opts.describe(),
+    )
+    return _inner_compile(opts.inner, gm, example_inputs, mode)
+
+
+def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: str | None):
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,77 @@
+"""The one option vocabulary of ``bnfx.transform``, ``bnfx.backend`` and ``torch.compile``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+DEFAULT_GHOST_BATCH_SIZE = 32  # Composer's default
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+_GRAPH_OPTIONS = ("ghost_batch_size", "sync", "group_size", "freeze")
+_BACKEND_OPTIONS = _GRAPH_OPTIONS + ("inner",)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated options. ``mode`` is "ghost" or "sync"."""
+
+    mode: str
+    ghost_batch_size: int | None = None
+    sync: Any = None  # True (WORLD), a ProcessGroup, or a group name
+    group_size: int | None = None
+    freeze: bool = False
+    inner: str | Callable = "inductor"
+
+    def describe(self) -> str:
+        if self.mode == "ghost":
+            return f"ghost_batch_size={self.ghost_batch_size}"
+        return f"sync={self.sync!r}" + (f", group_size={self.group_size}" if self.group_size else "")
+
+
+def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Options:
+    """Check every option and pick the mode; raise before anything is changed.
+
+    Neither ``ghost_batch_size`` nor ``sync`` given: sync over WORLD when a process group
+    with more than one rank is initialized, otherwise ghost with 32.
+    """
+    allowed = _BACKEND_OPTIONS if backend else _GRAPH_OPTIONS
+    for key in options:
+        if key not in allowed:
+            raise TypeError(f"unknown bnfx option {key!r}; allowed options: {', '.join(allowed)}")
+
+    ghost = options.get("ghost_batch_size")
+    sync = options.get("sync")
+    group_size = options.get("group_size")
+    freeze = options.get("freeze", False)
+    inner = options.get("inner", "inductor")
+
+    if ghost is not None and (isinstance(ghost, bool) or not isinstance(ghost, int) or ghost < 1):
+        raise ValueError(f"ghost_batch_size must be a positive int, got {ghost!r}")
+    if sync is not None and not isinstance(sync, (bool, str, dist.ProcessGroup)):
+        raise TypeError(f"sync must be a bool, a ProcessGroup or a process group name, got {sync!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze must be a bool, got {freeze!r}")
+    if not (callable(inner) or inner in INNER_COMPILERS):
+        raise ValueError(f"inner must be one of {', '.join(INNER_COMPILERS)} or a callable, got {inner!r}")
+    if ghost is not None and sync not in (None, False):
+        raise ValueError(
+            f"ghost_batch_size and sync are exclusive, got ghost_batch_size={ghost!r} and sync={sync!r}; give one"
+        )
+
+    if ghost is not None or sync is False:
+        mode = "ghost"
+    elif sync is not None:
+        mode = "sync"
+    else:
+        mode = "sync" if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else "ghost"
+    if mode == "ghost":
+        if group_size is not None:
+            raise ValueError(f"group_size applies to sync mode only, got group_size={group_size!r} in ghost mode")
+        if freeze:
+            raise ValueError("freeze applies to sync mode only, got freeze=True in ghost mode")
+        return Options("ghost", ghost_batch_size=ghost or DEFAULT_GHOST_BATCH_SIZE, inner=inner)
+    return Options("sync", sync=True if sync is None else sync, group_size=group_size, freeze=freeze, inner=inner)

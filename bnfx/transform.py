@@ -1,0 +1,47 @@
+"""``bnfx.transform`` and ``bnfx.explain``: the passes applied to traced graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from bnfx.options import resolve_options
+from bnfx.passes import Report, run_passes
+
+
+def _graph_module(model) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    if isinstance(model, torch.export.ExportedProgram):
+        raise NotImplementedError("bnfx.transform of an ExportedProgram is not available yet")
+    if isinstance(model, nn.Module):
+        return fx.symbolic_trace(model)
+    raise TypeError(f"model must be a torch.fx.GraphModule or an nn.Module, got {type(model).__name__}")
+
+
+def _rewritten_copy(model, options: dict) -> tuple[fx.GraphModule, Report]:
+    opts = resolve_options(options)
+    gm = _graph_module(model)
+    # A new graph over the same submodules: the input graph is untouched, while parameters
+    # and buffers stay shared, so training the result updates the user's model.
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    report = run_passes(new, opts)
+    return new, report
+
+
+def transform(model, **options) -> fx.GraphModule:
+    """Return a GraphModule whose batch-norm sites compute ghost (or sync) batch norm.
+
+    ``model`` is a GraphModule (``torch.fx.symbolic_trace(model)``) or an nn.Module, which is
+    traced first. It is not modified; the result shares its parameters and buffers.
+
+    >>> gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
+    """
+    return _rewritten_copy(model, options)[0]
+
+
+def explain(model, **options) -> Report:
+    """What ``transform(model, **options)`` does to each batch-norm site; ``print`` it for a table."""
+    return _rewritten_copy(model, options)[1]

@@ -1,0 +1,26 @@
+"""bnfx graph passes. The pipeline for a set of options is the explicit list below."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from bnfx.passes.ghost import rewrite_ghost
+from bnfx.passes.report import Report, SiteRecord
+from bnfx.passes.sites import BatchNormSite, find_sites
+
+__all__ = ["BatchNormSite", "Report", "SiteRecord", "find_sites", "pipeline", "run_passes"]
+
+
+def pipeline(options) -> list:
+    """The passes that ``options`` call for, in the order they run."""
+    if options.mode == "ghost":
+        return [rewrite_ghost]
+    raise NotImplementedError(f"sync mode ({options.describe()}) is not available yet; use ghost_batch_size")
+
+
+def run_passes(gm: fx.GraphModule, options) -> Report:
+    """Rewrite ``gm`` in place; return what was done to each batch-norm site."""
+    report = Report()
+    for rewrite in pipeline(options):
+        rewrite(gm, options, report)
+    return report

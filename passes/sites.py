@@ -1,0 +1,153 @@
+"""Find the batch-norm call sites of an FX graph, whatever IR level it comes from."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# Targets whose arguments follow aten's order:
+# (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled).
+_ATEN_ORDER_FORMS = {
+    torch.batch_norm: "torch.batch_norm",
+    torch.ops.aten.batch_norm.default: "aten.batch_norm",
+}
+_FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+@dataclass
+class BatchNormSite:
+    """One batch-norm call, its arguments normalized across IR forms."""
+
+    node: fx.Node
+    form: str  # "call_module", "F.batch_norm", "torch.batch_norm", "aten.batch_norm"
+    name: str  # the module path where known, else the node name
+    input: fx.Node
+    weight: Any  # fx.Node or None
+    bias: Any
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: fx.Node | None
+    tracked_update: fx.Node | None  # `num_batches_tracked.add_(1)` that Dynamo puts before the call
+    training: Any  # bool literal, an fx.Node, or None: the module's flag at run time
+    momentum: Any  # float, None, or an fx.Node computed in the graph
+    eps: Any
+    module: _BatchNorm | None = None
+
+
+def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
+    """Every batch-norm call of ``gm``, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        site = _match(gm, node)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _match(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _BatchNorm):
+            return _module_site(node, module)
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is F.batch_norm:
+        bound = _FUNCTIONAL_SIGNATURE.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return _functional_site(
+            gm, node, "F.batch_norm", a["input"], a["weight"], a["bias"], a["running_mean"],
+            a["running_var"], a["training"], a["momentum"], a["eps"],
+        )
+    form = _ATEN_ORDER_FORMS.get(node.target)
+    if form is not None:
+        x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
+        return _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps)
+    return None
+
+
+def _module_site(node: fx.Node, module: _BatchNorm) -> BatchNormSite:
+    return BatchNormSite(
+        node=node,
+        form="call_module",
+        name=node.target,
+        input=node.args[0] if node.args else node.kwargs["input"],
+        weight=None,
+        bias=None,
+        running_mean=None,
+        running_var=None,
+        num_batches_tracked=None,
+        tracked_update=None,
+        training=None,
+        momentum=module.momentum,
+        eps=module.eps,
+        module=module,
+    )
+
+
+def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps) -> BatchNormSite:
+    tracked = _num_batches_tracked(gm, mean)
+    return BatchNormSite(
+        node=node,
+        form=form,
+        name=_site_name(node),
+        input=x,
+        weight=weight,
+        bias=bias,
+        running_mean=mean,
+        running_var=var,
+        num_batches_tracked=tracked,
+        tracked_update=_tracked_update(tracked, node),
+        training=training,
+        momentum=momentum,
+        eps=eps,
+    )
+
+
+def _num_batches_tracked(gm: fx.GraphModule, running_mean: Any) -> fx.Node | None:
+    """The counter buffer that belongs with ``running_mean``, found by the name both share."""
+    if not isinstance(running_mean, fx.Node):
+        return None
+    if running_mean.op == "get_attr":
+        wanted = running_mean.target.replace("running_mean", "num_batches_tracked")
+        match = lambda n: n.op == "get_attr" and n.target == wanted  # noqa: E731
+    else:
+        wanted = running_mean.name.replace("running_mean", "num_batches_tracked")
+        match = lambda n: n.name == wanted  # noqa: E731
+    if wanted == getattr(running_mean, "target", None) or wanted == running_mean.name:
+        return None
+    return next((n for n in gm.graph.nodes if match(n)), None)
+
+
+def _tracked_update(tracked: fx.Node | None, site: fx.Node) -> fx.Node | None:
+    """Dynamo's ``num_batches_tracked.add_(1)`` for this site, if it is in the graph."""
+    if tracked is None:
+        return None
+    for user in tracked.users:
+        is_add = (user.op == "call_method" and user.target == "add_") or user.target in (
+            torch.Tensor.add_,
+            torch.ops.aten.add_.Tensor,
+        )
+        if is_add and user.args[0] is tracked and not user.users:
+            return user
+    return None
+
+
+def _site_name(node: fx.Node) -> str:
+    """The module path Dynamo recorded (``L['self'].layer1[0].bn1`` -> ``layer1.0.bn1``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".") or node.name
