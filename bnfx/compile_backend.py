@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from typing import Any, Callable
 
 import torch
-from torch import fx
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.options import Options, resolve_options
 from bnfx.passes import run_passes
 
 log = logging.getLogger("bnfx")
 _graph_ids = itertools.count()
+_reported_modules: weakref.WeakSet = weakref.WeakSet()
 
 
 def backend(**options) -> Callable:
@@ -36,6 +39,7 @@ def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode: str | None = None):
+    _warn_modules_outside_graph()
     report = run_passes(gm, opts)
     log.info(
         "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s)",
@@ -57,3 +61,31 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
 
     patches = torch._inductor.list_mode_options(mode) if mode else None
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _warn_modules_outside_graph() -> None:
+    """Name the batch-norm modules that Dynamo runs outside any graph, so no backend sees them.
+
+    torch's ``_BatchNorm.forward`` with ``momentum=None`` calls ``float(num_batches_tracked)``;
+    Dynamo breaks the graph there and runs that module eagerly, as plain batch norm.
+    """
+    from torch._dynamo import symbolic_convert
+
+    tx = getattr(symbolic_convert.tls, "current_tx", None)
+    roots = [v for v in getattr(tx, "f_locals", {}).values() if isinstance(v, nn.Module)]
+    for root in roots:
+        names = [
+            name
+            for name, m in root.named_modules()
+            if isinstance(m, _BatchNorm) and m.momentum is None and m.track_running_stats and m not in _reported_modules
+        ]
+        for m in root.modules():
+            if isinstance(m, _BatchNorm) and m.momentum is None:
+                _reported_modules.add(m)
+        if names:
+            log.warning(
+                "bnfx: batch-norm modules with momentum=None run outside the compiled graph "
+                "(torch.compile breaks the graph at float(num_batches_tracked)) and keep plain "
+                "batch norm: %s. Use bnfx.transform for them, or a float momentum.",
+                ", ".join(names),
+            )

@@ -47,6 +47,13 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
     if input.shape[0] == 0:
         raise ValueError("input must have a non-empty batch dimension, got batch size 0")
+    chunk_size, _, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
+    if (last or chunk_size) * input[0, 0].numel() == 1:
+        raise ValueError(
+            f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
+            f"ghost batch of 1 sample of shape {tuple(input.shape[1:])} "
+            f"(batch size {input.shape[0]}, ghost_batch_size={ghost_batch_size})"
+        )
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
 
