@@ -1,0 +1,138 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import bnfx  # noqa: F401
+from bnfx.ops import ghost_chunk_layout
+
+op = torch.ops.bnfx.ghost_batch_norm
+
+
+def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):
+    """Composer's per-chunk loop on F.batch_norm, torch's module semantics per chunk."""
+    nchunks = math.ceil(x.shape[0] / g)
+    outs = []
+    for chunk in x.chunk(nchunks, 0):
+        if tracked is not None:
+            tracked += 1
+        factor = 1.0 / float(tracked) if momentum is None else momentum / nchunks
+        outs.append(F.batch_norm(chunk, mean, var, weight, bias, True, factor, eps))
+    return torch.cat(outs)
+
+
+def test_layout_matches_torch_chunk():
+    for batch, g in itertools.product(range(1, 130), range(1, 40)):
+        sizes = [c.shape[0] for c in torch.empty(batch).chunk(math.ceil(batch / g))]
+        size, equal, last = ghost_chunk_layout(batch, g)
+        assert [size] * equal + ([last] if last else []) == sizes, (batch, g)
+        assert len(sizes) == math.ceil(batch / g)
+
+
+CASES = [
+    # shape, ghost size, momentum, affine, track
+    ((100, 6, 5, 5), 32, 0.1, True, True),
+    ((70, 6), 32, 0.1, True, True),
+    ((70, 6, 9), 32, None, True, True),
+    ((10, 3, 4), 3, 0.3, True, True),
+    ((9, 4, 3, 3, 3), 4, None, True, True),
+    ((64, 5, 4, 4), 16, 0.1, False, True),
+    ((50, 5, 4, 4), 16, 0.1, True, False),
+    ((20, 5), 32, 0.1, True, True),  # batch smaller than the ghost size: one chunk
+]
+
+
+@pytest.mark.parametrize("shape,g,momentum,affine,track", CASES)
+def test_matches_chunk_loop(shape, g, momentum, affine, track):
+    torch.manual_seed(0)
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    weight = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine else None
+    mean = torch.randn(C, dtype=torch.float64) if track else None
+    var = torch.rand(C, dtype=torch.float64) + 0.5 if track else None
+    tracked = torch.tensor(5) if track else None
+    grad = torch.randn(shape, dtype=torch.float64)
+
+    ref_state = [t.clone() if t is not None else None for t in (mean, var, tracked)]
+    ref_out = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
+    ref_grads = torch.autograd.grad(ref_out, [t for t in (x, weight, bias) if t is not None], grad)
+
+    out, new_mean, new_var, new_tracked, save_mean, save_invstd = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
+    grads = torch.autograd.grad(out, [t for t in (x, weight, bias) if t is not None], grad)
+
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert save_mean.shape == (math.ceil(shape[0] / g), C)
+    if track:
+        torch.testing.assert_close(new_mean, ref_state[0])
+        torch.testing.assert_close(new_var, ref_state[1])
+        assert new_tracked.item() == ref_state[2].item() == 5 + math.ceil(shape[0] / g)
+        assert tracked.item() == 5  # functional: inputs untouched
+    else:
+        assert new_mean.numel() == new_var.numel() == new_tracked.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_chunk_loop(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(40, 8, 6, 6).to(dtype)
+    weight, bias = torch.randn(8), torch.randn(8)
+    mean, var = torch.zeros(8), torch.ones(8)
+    ref_mean, ref_var = mean.clone(), var.clone()
+    ref = chunk_loop(x, weight, bias, ref_mean, ref_var, None, 16, 0.1, 1e-5)
+    out, new_mean, new_var, *_ = op(x, weight, bias, mean, var, None, 16, 0.1, 1e-5)
+    assert out.dtype == dtype and new_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(new_mean, ref_mean, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(new_var, ref_var, atol=1e-3, rtol=1e-3)
+
+
+def test_channels_last_keeps_layout_and_values():
+    x = torch.randn(48, 8, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    out = op(x, w, b, None, None, None, 16, 0.1, 1e-5)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = chunk_loop(x.contiguous(), w, b, None, None, None, 16, 0.1, 1e-5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.randn(20, 4, 3, 3), torch.randn(4), torch.randn(4), torch.zeros(4), torch.ones(4), torch.tensor(0), 8, 0.1, 1e-5),
+        (torch.randn(21, 4), None, None, None, None, None, 8, None, 1e-5),
+        (torch.randn(20, 4, 7), torch.randn(4), None, torch.zeros(4), torch.ones(4), torch.tensor(3), 5, None, 1e-3),
+    ],
+)
+def test_opcheck(args):
+    args = list(args)
+    args[0].requires_grad_()
+    if args[1] is not None:
+        args[1].requires_grad_()
+    opcheck(op.default, tuple(args))
+
+
+def test_errors_name_the_parameter():
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive int, got 0"):
+        op(x, None, None, None, None, None, 0, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        op(torch.randn(10, 3), None, None, None, None, None, 3, 0.1, 1e-5)  # chunks 3, 3, 3, 1
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        op(x, None, None, torch.zeros(4), torch.ones(4), None, 4, None, 1e-5)
+
+
+def test_state_outputs_are_not_differentiable():
+    x = torch.randn(16, 3, requires_grad=True)
+    out, new_mean, new_var, new_tracked, save_mean, save_invstd = op(
+        x, None, None, torch.zeros(3), torch.ones(3), torch.tensor(0), 4, 0.1, 1e-5
+    )
+    assert out.requires_grad
+    assert not any(t.requires_grad for t in (new_mean, new_var, new_tracked, save_mean, save_invstd))
