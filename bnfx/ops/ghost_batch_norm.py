@@ -74,11 +74,12 @@ def _ungroup_into(dest: Tensor, grouped: Tensor, chunks: int) -> None:
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, input: Tensor) -> tuple[Tensor, Tensor | None]:
-    # Without a weight, ones keep the statistics in fp32 for low-precision input (as torch's
-    # mixed-dtype CPU kernel does when a weight is given) and let backward use one code path.
+    # Parameters in fp32 (or wider) select torch's mixed-dtype kernels for low-precision input,
+    # so statistics stay in fp32; without a weight, ones give backward one code path.
+    dtype = _stat_dtype(input)
     if weight is None:
-        weight = torch.ones(input.shape[1], dtype=_stat_dtype(input), device=input.device)
-    return weight, bias
+        return torch.ones(input.shape[1], dtype=dtype, device=input.device), None if bias is None else bias.to(dtype)
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _chunk_counts(input: Tensor, chunk_size: int, equal: int, last: int) -> Tensor:
@@ -211,6 +212,7 @@ def ghost_batch_norm_backward(
     chunk_size, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
     channels = input.shape[1]
     has_affine = weight is not None
+    param_dtype = weight.dtype if has_affine else None
     weight, _ = _affine(weight, None, input)
     split = equal * chunk_size
     grad_input = torch.empty_like(input)
@@ -249,8 +251,8 @@ def ghost_batch_norm_backward(
             grad_weight = grad_weight + tail_weight
             grad_bias = grad_bias + tail_bias
     if not has_affine:
-        grad_weight, grad_bias = input.new_empty(0), input.new_empty(0)
-    return grad_input, grad_weight, grad_bias
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    return grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)
 
 
 @ghost_batch_norm_backward.register_fake
