@@ -8,6 +8,6 @@ import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
 from bnfx.compile_backend import backend
 from bnfx.options import Options, resolve_options
 from bnfx.passes import Report, find_sites
-from bnfx.transform import explain, transform
+from bnfx.transform import explain, trace, transform
 
-__all__ = ["Options", "Report", "backend", "explain", "find_sites", "resolve_options", "transform"]
+__all__ = ["Options", "Report", "backend", "explain", "find_sites", "resolve_options", "trace", "transform"]

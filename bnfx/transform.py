@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.options import resolve_options
 from bnfx.passes import Report, run_passes
@@ -17,8 +18,21 @@ def _graph_module(model) -> fx.GraphModule:
     if isinstance(model, torch.export.ExportedProgram):
         raise NotImplementedError("bnfx.transform of an ExportedProgram is not available yet")
     if isinstance(model, nn.Module):
-        return fx.symbolic_trace(model)
+        return trace(model)
     raise TypeError(f"model must be a torch.fx.GraphModule or an nn.Module, got {type(model).__name__}")
+
+
+class _BatchNormLeafTracer(fx.Tracer):
+    """symbolic_trace, with every batch-norm module (user subclasses too) kept as one call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` that keeps batch-norm subclasses as ``call_module`` sites."""
+    graph = _BatchNormLeafTracer().trace(model)
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 def _rewritten_copy(model, options: dict) -> tuple[fx.GraphModule, Report]:
@@ -35,7 +49,7 @@ def transform(model, **options) -> fx.GraphModule:
     """Return a GraphModule whose batch-norm sites compute ghost (or sync) batch norm.
 
     ``model`` is a GraphModule (``torch.fx.symbolic_trace(model)``) or an nn.Module, which is
-    traced first. It is not modified; the result shares its parameters and buffers.
+    traced first with ``bnfx.trace``. It is not modified; the result shares its parameters and buffers.
 
     >>> gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
     """

@@ -11,13 +11,15 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfx.functional import ghost_batch_norm_module
 from bnfx.passes.report import Report
-from bnfx.passes.sites import BatchNormSite, find_sites
+from bnfx.passes.sites import BatchNormSite, match_site
 
 
 def rewrite_ghost(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
     """Make every training-mode batch-norm site of ``gm`` compute ghost batch norm."""
     size = options.ghost_batch_size
-    for index, site in enumerate(find_sites(gm)):
+    # Sites are matched one at a time: a rewrite changes the arguments of later sites.
+    sites = (match_site(gm, node) for node in list(gm.graph.nodes))
+    for index, site in enumerate(site for site in sites if site is not None):
         reason = _unsupported(site)
         if reason:
             report.left_alone(site, reason)

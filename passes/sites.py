@@ -43,15 +43,11 @@ class BatchNormSite:
 
 def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
     """Every batch-norm call of ``gm``, in graph order."""
-    sites = []
-    for node in gm.graph.nodes:
-        site = _match(gm, node)
-        if site is not None:
-            sites.append(site)
-    return sites
+    return [site for node in gm.graph.nodes if (site := match_site(gm, node)) is not None]
 
 
-def _match(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
+def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
+    """The batch-norm site that ``node`` is, or None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, _BatchNorm):
