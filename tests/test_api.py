@@ -1,0 +1,93 @@
+"""Options, errors, logging, state and the backend entry point."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import bnfx
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        ({"ghost_batch_size": 0}, ValueError, "ghost_batch_size must be a positive int, got 0"),
+        ({"ghost_batch_size": 2.5}, ValueError, "ghost_batch_size must be a positive int, got 2.5"),
+        ({"ghost_batch_size": True}, ValueError, "ghost_batch_size must be a positive int, got True"),
+        ({"ghost_batch_size": 8, "sync": True}, ValueError, "exclusive"),
+        ({"ghost_size": 8}, TypeError, "unknown bnfx option 'ghost_size'; allowed options: ghost_batch_size"),
+        ({"sync": 3}, TypeError, "sync must be a bool"),
+        ({"ghost_batch_size": 8, "group_size": 2}, ValueError, "group_size applies to sync mode only"),
+        ({"freeze": "yes"}, TypeError, "freeze must be a bool, got 'yes'"),
+    ],
+)
+def test_bad_options_raise_before_anything_changes(options, error, message):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    gm = bnfx.trace(model)
+    code, state = gm.code, {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        bnfx.transform(gm, **options)
+    with pytest.raises(error, match=message):
+        bnfx.backend(**options)
+    assert gm.code == code
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_inner_is_a_backend_option_only():
+    with pytest.raises(TypeError, match="unknown bnfx option 'inner'"):
+        bnfx.transform(nn.BatchNorm1d(3), inner="eager")
+    with pytest.raises(ValueError, match="inner must be one of inductor, aot_eager, eager or a callable, got 'tvm'"):
+        bnfx.backend(inner="tvm")
+
+
+def test_default_mode_without_process_group_is_ghost_32():
+    opts = bnfx.resolve_options({})
+    assert (opts.mode, opts.ghost_batch_size) == ("ghost", 32)
+
+
+def test_transform_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch.fx.GraphModule or an nn.Module, got int"):
+        bnfx.transform(3)
+
+
+def test_compiled_training_updates_users_state_dict_under_original_keys(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    keys = list(model.state_dict())
+    before = model[1].running_mean.clone()
+    compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 4, "inner": "aot_eager"})
+    with caplog.at_level(logging.INFO, logger="bnfx"):
+        for _ in range(2):
+            compiled(torch.randn(12, 3, 5, 5) + 1).sum().backward()
+    assert list(model.state_dict()) == keys
+    assert model[1].num_batches_tracked.item() == 2 * 3
+    assert not torch.equal(model[1].running_mean, before)
+    assert "1 batch-norm sites found, 1 rewritten (ghost_batch_size=4)" in caplog.text
+
+
+def test_backend_name_works_in_a_fresh_interpreter_without_import():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from torch import nn
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        assert "bnfx" not in sys.modules
+        compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 2, "inner": "eager"})
+        compiled(torch.randn(6, 3))
+        print(int(model[1].num_batches_tracked))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+def test_import_twice_registers_once():
+    script = "import torch, bnfx, bnfx.ops; import bnfx; print(hasattr(torch.ops.bnfx, 'ghost_batch_norm'))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
