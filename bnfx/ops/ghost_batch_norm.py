@@ -7,19 +7,17 @@ its own mean and biased variance. The running statistics end where Composer's se
 per-chunk updates end (momentum / nchunks per chunk, unbiased variance), computed in closed
 form; with ``momentum=None`` every chunk counts as one batch of the cumulative average.
 
-The CPU (and generic) kernel regroups the equal chunks into channels,
-``[k*s, C, ...] -> [s, k*C, ...]``, so that one native batch-norm call computes every
-chunk's statistics: no Python loop over chunks.
+The kernel works on views of the input, ``[nchunks, chunk_size, C, ...]`` for the equal
+chunks and ``[1, last, C, ...]`` for a shorter last one: per-chunk statistics are reductions
+over those views and the outputs are broadcast passes, so there is no copy of the input and
+no Python loop over chunks. The only full-size allocation per direction is the result, as in
+torch's kernel (on CPU a fresh large buffer costs as much as an arithmetic pass).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-_batch_norm = torch.ops.aten._native_batch_norm_legit.no_stats
-_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
-
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
     """``(chunk_size, equal_chunks, last_size)`` of ``batch`` samples split as Composer does.
@@ -58,37 +56,36 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
 
 
-def _regroup(x: Tensor, chunks: int) -> Tensor:
-    """[chunks*s, C, ...] -> [s, chunks*C, ...]: chunk j's channel c becomes channel j*C + c."""
-    if chunks == 1:
-        return x
-    return x.unflatten(0, (chunks, -1)).transpose(0, 1).flatten(1, 2)
-
-
-def _ungroup_into(dest: Tensor, grouped: Tensor, chunks: int) -> None:
-    """Inverse of _regroup, written into ``dest`` ([chunks*s, C, ...]) in its own layout."""
-    if chunks == 1:
-        dest.copy_(grouped)
-        return
-    dest.unflatten(0, (chunks, -1)).copy_(grouped.unflatten(1, (chunks, -1)).transpose(0, 1))
-
-
-def _affine(weight: Tensor | None, bias: Tensor | None, input: Tensor) -> tuple[Tensor, Tensor | None]:
-    # Parameters in fp32 (or wider) select torch's mixed-dtype kernels for low-precision input,
-    # so statistics stay in fp32; without a weight, ones give backward one code path.
-    dtype = _stat_dtype(input)
-    if weight is None:
-        return torch.ones(input.shape[1], dtype=dtype, device=input.device), None if bias is None else bias.to(dtype)
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _chunk_counts(input: Tensor, chunk_size: int, equal: int, last: int) -> Tensor:
-    """[nchunks, 1] number of values per channel in each chunk."""
-    per_sample = input[0, 0].numel()
-    counts = torch.full((equal + (1 if last else 0), 1), float(chunk_size * per_sample), dtype=torch.float64, device=input.device)
+def _segments(t: Tensor, ghost_batch_size: int) -> list[Tensor]:
+    """Views ``[chunks, size, C, ...]`` of ``t``: the equal chunks, then the shorter last one."""
+    chunk_size, equal, last = ghost_chunk_layout(t.shape[0], ghost_batch_size)
+    split = equal * chunk_size
+    segments = [t[:split].unflatten(0, (equal, chunk_size))]
     if last:
-        counts[-1] = float(last * per_sample)
-    return counts
+        segments.append(t[split:].unsqueeze(0))
+    return segments
+
+
+def _values_per_channel(segment: Tensor) -> int:
+    return segment[0, :, 0].numel()
+
+
+def _broadcast(per_chunk: Tensor, segment: Tensor) -> Tensor:
+    """[chunks, C] -> [chunks, 1, C, 1, ...], to broadcast against ``segment``."""
+    return per_chunk.view((per_chunk.shape[0], 1, per_chunk.shape[1]) + (1,) * (segment.dim() - 3))
+
+
+def _chunk_sums(segment: Tensor, dtype: torch.dtype) -> Tensor:
+    """[chunks, C] sums over each chunk's samples and spatial positions."""
+    return segment.sum((1,) + tuple(range(3, segment.dim())), dtype=dtype)
+
+
+def _chunk_squares(segment: Tensor, dtype: torch.dtype) -> Tensor:
+    """[chunks, C] sums of squares, with no temporary of the segment's size for spatial input."""
+    if segment.dim() == 3:  # [chunks, size, C]: small, a temporary is cheap
+        return segment.to(dtype).square().sum(1)
+    spatial = tuple(range(3, segment.dim()))
+    return torch.linalg.vector_norm(segment, dim=spatial, dtype=dtype).square().sum(1)
 
 
 def _new_running_stats(
@@ -138,41 +135,35 @@ def ghost_batch_norm(
     ``save_mean``/``save_invstd`` are ``[nchunks, C]`` for the backward.
     """
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
-    chunk_size, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
-    channels = input.shape[1]
-    weight, bias = _affine(weight, bias, input)
-    head = input[: equal * chunk_size]
+    dtype = _stat_dtype(input)
     out = torch.empty_like(input)
-
-    grouped_out, mean, invstd = _batch_norm(
-        _regroup(head, equal),
-        weight.repeat(equal),
-        None if bias is None else bias.repeat(equal),
-        True,
-        0.0,
-        eps,
-    )
-    _ungroup_into(out[: equal * chunk_size], grouped_out, equal)
-    means, invstds = [mean.view(equal, channels)], [invstd.view(equal, channels)]
-    if last:
-        tail_out, tail_mean, tail_invstd = _batch_norm(input[equal * chunk_size :], weight, bias, True, 0.0, eps)
-        out[equal * chunk_size :].copy_(tail_out)
-        means.append(tail_mean.view(1, channels))
-        invstds.append(tail_invstd.view(1, channels))
-    save_mean = torch.cat(means).to(_stat_dtype(input))  # [nchunks, C]
-    save_invstd = torch.cat(invstds).to(_stat_dtype(input))  # [nchunks, C]
+    means, biased_vars, invstds, sizes = [], [], [], []
+    for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
+        size = _values_per_channel(x)
+        mean = _chunk_sums(x, dtype) / size  # [chunks, C]
+        torch.sub(x, _broadcast(mean, x), out=y)  # y holds x - mean for now
+        biased_var = _chunk_squares(y, dtype) / size
+        invstd = torch.rsqrt(biased_var + eps)
+        scale = _broadcast(invstd if weight is None else invstd * weight, x)
+        if bias is None:
+            y.mul_(scale)
+        else:
+            torch.addcmul(bias.view((-1,) + (1,) * (input.dim() - 2)), y, scale, out=y)
+        means.append(mean)
+        biased_vars.append(biased_var)
+        invstds.append(invstd)
+        sizes.append(torch.full_like(mean[:, :1], size))
+    save_mean, save_invstd = torch.cat(means), torch.cat(invstds)  # [nchunks, C]
 
     if running_mean is None:
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     else:
-        counts = _chunk_counts(input, chunk_size, equal, last)  # [nchunks, 1]
-        biased = (save_invstd.double().pow(-2) - eps).clamp_min(0.0)
-        unbiased = biased * counts / (counts - 1).clamp_min(1.0)
+        sizes = torch.cat(sizes)  # [nchunks, 1]
+        unbiased = torch.cat(biased_vars) * sizes / (sizes - 1).clamp_min(1.0)
         new_mean, new_var = _new_running_stats(
             running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum
         )
-    nchunks = equal + (1 if last else 0)
-    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + nchunks
+    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
     return out, new_mean, new_var, new_tracked, save_mean, save_invstd
 
 
@@ -209,50 +200,29 @@ def ghost_batch_norm_backward(
 
     ``grad_weight`` and ``grad_bias`` are empty when ``weight`` is None.
     """
-    chunk_size, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
-    channels = input.shape[1]
-    has_affine = weight is not None
-    param_dtype = weight.dtype if has_affine else None
-    weight, _ = _affine(weight, None, input)
-    split = equal * chunk_size
+    dtype = _stat_dtype(input)
     grad_input = torch.empty_like(input)
+    start, grad_weight, grad_bias = 0, 0, 0
+    segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
+    for dy, x, dx in segments:  # 1 or 2 views
+        chunks, size = x.shape[0], _values_per_channel(x)
+        mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
+        start += chunks
+        sum_dy = _chunk_sums(dy, dtype)  # [chunks, C]
+        torch.sub(x, _broadcast(mean, x), out=dx).mul_(dy)  # scratch: dy * (x - mean)
+        sum_dy_xmu = _chunk_sums(dx, dtype)
+        # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd,
+        # as dx = a dy + b x + c with per-(chunk, channel) coefficients.
+        a = invstd if weight is None else invstd * weight
+        k = sum_dy_xmu / size * invstd.square()
+        torch.addcmul(_broadcast(a * (k * mean - sum_dy / size), x), x, _broadcast(-a * k, x), out=dx)
+        dx.addcmul_(dy, _broadcast(a, x))
+        grad_weight = grad_weight + (sum_dy_xmu * invstd).sum(0)
+        grad_bias = grad_bias + sum_dy.sum(0)
 
-    grouped_grad, grad_weight, grad_bias = _batch_norm_backward(
-        _regroup(grad_out[:split], equal),
-        _regroup(input[:split], equal),
-        weight.repeat(equal),
-        None,
-        None,
-        save_mean[:equal].flatten(),
-        save_invstd[:equal].flatten(),
-        True,
-        eps,
-        [True, has_affine, has_affine],
-    )
-    _ungroup_into(grad_input[:split], grouped_grad, equal)
-    if has_affine:
-        grad_weight = grad_weight.view(equal, channels).sum(0)
-        grad_bias = grad_bias.view(equal, channels).sum(0)
-    if last:
-        tail_grad, tail_weight, tail_bias = _batch_norm_backward(
-            grad_out[split:],
-            input[split:],
-            weight,
-            None,
-            None,
-            save_mean[equal],
-            save_invstd[equal],
-            True,
-            eps,
-            [True, has_affine, has_affine],
-        )
-        grad_input[split:].copy_(tail_grad)
-        if has_affine:
-            grad_weight = grad_weight + tail_weight
-            grad_bias = grad_bias + tail_bias
-    if not has_affine:
+    if weight is None:
         return grad_input, input.new_empty(0), input.new_empty(0)
-    return grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)
+    return grad_input, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @ghost_batch_norm_backward.register_fake
