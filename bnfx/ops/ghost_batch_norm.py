@@ -83,9 +83,14 @@ def _chunk_sums(segment: Tensor, dtype: torch.dtype) -> Tensor:
 def _chunk_squares(segment: Tensor, dtype: torch.dtype) -> Tensor:
     """[chunks, C] sums of squares, with no temporary of the segment's size for spatial input."""
     if segment.dim() == 3:  # [chunks, size, C]: small, a temporary is cheap
-        return segment.to(dtype).square().sum(1)
+        values = segment.to(dtype)
+        return (values * values).sum(1)
     spatial = tuple(range(3, segment.dim()))
     return torch.linalg.vector_norm(segment, dim=spatial, dtype=dtype).square().sum(1)
+
+
+def _cat(per_segment: list[Tensor]) -> Tensor:
+    return per_segment[0] if len(per_segment) == 1 else torch.cat(per_segment)
 
 
 def _new_running_stats(
@@ -97,23 +102,20 @@ def _new_running_stats(
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
     nchunks = means.shape[0]
-    means, unbiased_vars = means.double(), unbiased_vars.double()
-    old_mean, old_var = running_mean.double(), running_var.double()
+    means, unbiased_vars = means.to(running_mean.dtype), unbiased_vars.to(running_var.dtype)
     if momentum is None:
-        # Each chunk is one batch of the cumulative average: n0 batches seen before.
-        seen = num_batches_tracked.double()
-        new_mean = (old_mean * seen + means.sum(0)) / (seen + nchunks)
-        new_var = (old_var * seen + unbiased_vars.sum(0)) / (seen + nchunks)
-    else:
-        # Composer's sequential updates r <- (1 - f) r + f x_j with f = momentum / nchunks,
-        # unrolled: chunk j is weighted f (1 - f)^(nchunks - 1 - j).
-        f = momentum / nchunks
-        ages = torch.arange(nchunks - 1, -1, -1, dtype=torch.float64, device=means.device)
-        weights = (f * (1.0 - f) ** ages).unsqueeze(1)  # [nchunks, 1]
-        keep = (1.0 - f) ** nchunks
-        new_mean = old_mean * keep + (weights * means).sum(0)
-        new_var = old_var * keep + (weights * unbiased_vars).sum(0)
-    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+        # Each chunk is one batch of the cumulative average, after the batches seen before.
+        seen = num_batches_tracked.to(running_mean.dtype)
+        total = seen + nchunks
+        return (running_mean * seen + means.sum(0)) / total, (running_var * seen + unbiased_vars.sum(0)) / total
+    # Composer's sequential updates r <- (1 - f) r + f x_j with f = momentum / nchunks,
+    # unrolled: chunk j is weighted f (1 - f)^(nchunks - 1 - j).
+    f = momentum / nchunks
+    decay = torch.logspace(nchunks - 1, 0, nchunks, base=1.0 - f, dtype=means.dtype, device=means.device)
+    keep = (1.0 - f) ** nchunks
+    new_mean = torch.addmv(running_mean, means.t(), decay, beta=keep, alpha=f)
+    new_var = torch.addmv(running_var, unbiased_vars.t(), decay, beta=keep, alpha=f)
+    return new_mean, new_var
 
 
 @torch.library.custom_op("bnfx::ghost_batch_norm", mutates_args=())
@@ -137,29 +139,29 @@ def ghost_batch_norm(
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
     dtype = _stat_dtype(input)
     out = torch.empty_like(input)
-    means, biased_vars, invstds, sizes = [], [], [], []
+    bias_view = None if bias is None else bias.view((-1,) + (1,) * (input.dim() - 2))
+    means, invstds, unbiased_vars = [], [], []
     for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
         size = _values_per_channel(x)
-        mean = _chunk_sums(x, dtype) / size  # [chunks, C]
+        mean = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
         torch.sub(x, _broadcast(mean, x), out=y)  # y holds x - mean for now
-        biased_var = _chunk_squares(y, dtype) / size
+        biased_var = _chunk_squares(y, dtype).div_(size)
         invstd = torch.rsqrt(biased_var + eps)
         scale = _broadcast(invstd if weight is None else invstd * weight, x)
-        if bias is None:
+        if bias_view is None:
             y.mul_(scale)
         else:
-            torch.addcmul(bias.view((-1,) + (1,) * (input.dim() - 2)), y, scale, out=y)
+            torch.addcmul(bias_view, y, scale, out=y)
         means.append(mean)
-        biased_vars.append(biased_var)
         invstds.append(invstd)
-        sizes.append(torch.full_like(mean[:, :1], size))
-    save_mean, save_invstd = torch.cat(means), torch.cat(invstds)  # [nchunks, C]
+        if running_mean is not None:
+            unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
+    save_mean, save_invstd = _cat(means), _cat(invstds)  # [nchunks, C]
 
     if running_mean is None:
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     else:
-        sizes = torch.cat(sizes)  # [nchunks, 1]
-        unbiased = torch.cat(biased_vars) * sizes / (sizes - 1).clamp_min(1.0)
+        unbiased = _cat(unbiased_vars)
         new_mean, new_var = _new_running_stats(
             running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum
         )
@@ -214,8 +216,9 @@ def ghost_batch_norm_backward(
         # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd,
         # as dx = a dy + b x + c with per-(chunk, channel) coefficients.
         a = invstd if weight is None else invstd * weight
-        k = sum_dy_xmu / size * invstd.square()
-        torch.addcmul(_broadcast(a * (k * mean - sum_dy / size), x), x, _broadcast(-a * k, x), out=dx)
+        b = sum_dy_xmu * invstd.square().mul_(a).mul_(-1.0 / size)
+        c = torch.addcmul(b * mean, a, sum_dy, value=1.0 / size).neg_()
+        torch.addcmul(_broadcast(c, x), x, _broadcast(b, x), out=dx)
         dx.addcmul_(dy, _broadcast(a, x))
         grad_weight = grad_weight + (sum_dy_xmu * invstd).sum(0)
         grad_bias = grad_bias + sum_dy.sum(0)
