@@ -58,9 +58,14 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
 
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    from bnfx.ops import DECOMPOSITIONS
 
     patches = torch._inductor.list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours.
+    decompositions = {**select_decomp_table(), **DECOMPOSITIONS}
+    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
 
 def _warn_modules_outside_graph() -> None:

@@ -258,3 +258,69 @@ def _backward(ctx, grad_out, *_state_grads):
 
 
 ghost_batch_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Decompositions into primitive ops, for compilers that fuse them (inductor): the same
+# segment views and formulas, written functionally so that each segment becomes one fused
+# reduction and one fused pointwise kernel.
+
+
+def ghost_batch_norm_decomposition(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
+):
+    dtype = _stat_dtype(input)
+    spatial = (1,) * (input.dim() - 2)
+    outs, means, invstds, unbiased_vars = [], [], [], []
+    for x in _segments(input, ghost_batch_size):
+        size = _values_per_channel(x)
+        values = x.to(dtype)
+        mean = _chunk_sums(values, dtype) / size  # [chunks, C]
+        centered = values - _broadcast(mean, x)
+        biased_var = _chunk_sums(centered * centered, dtype) / size
+        invstd = torch.rsqrt(biased_var + eps)
+        y = centered * _broadcast(invstd if weight is None else invstd * weight, x)
+        if bias is not None:
+            y = y + bias.view((-1,) + spatial)
+        outs.append(y.to(input.dtype).flatten(0, 1))
+        means.append(mean)
+        invstds.append(invstd)
+        unbiased_vars.append(biased_var * (size / max(size - 1, 1)))
+    out = _cat(outs)
+    save_mean, save_invstd = _cat(means), _cat(invstds)
+    if running_mean is None:
+        new_mean, new_var = input.new_empty(0), input.new_empty(0)
+    else:
+        new_mean, new_var = _new_running_stats(
+            running_mean, running_var, num_batches_tracked, save_mean, _cat(unbiased_vars), momentum
+        )
+    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
+    return out, new_mean, new_var, new_tracked, save_mean, save_invstd
+
+
+def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    dtype = _stat_dtype(input)
+    grads, start, grad_weight, grad_bias = [], 0, 0, 0
+    for dy, x in zip(_segments(grad_out, ghost_batch_size), _segments(input, ghost_batch_size)):
+        chunks, size = x.shape[0], _values_per_channel(x)
+        mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
+        start += chunks
+        dy_values = dy.to(dtype)
+        centered = x.to(dtype) - _broadcast(mean, x)
+        sum_dy = _chunk_sums(dy_values, dtype)  # [chunks, C]
+        sum_dy_xmu = _chunk_sums(dy_values * centered, dtype)
+        a = invstd if weight is None else invstd * weight
+        k = sum_dy_xmu / size * invstd * invstd
+        dx = _broadcast(a, x) * (dy_values - _broadcast(sum_dy / size, x) - centered * _broadcast(k, x))
+        grads.append(dx.to(input.dtype).flatten(0, 1))
+        grad_weight = grad_weight + (sum_dy_xmu * invstd).sum(0)
+        grad_bias = grad_bias + sum_dy.sum(0)
+    grad_input = _cat(grads)
+    if weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    return grad_input, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+DECOMPOSITIONS = {
+    torch.ops.bnfx.ghost_batch_norm.default: ghost_batch_norm_decomposition,
+    torch.ops.bnfx.ghost_batch_norm_backward.default: ghost_batch_norm_backward_decomposition,
+}
