@@ -62,10 +62,13 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
 
     from bnfx.ops import DECOMPOSITIONS
 
-    patches = torch._inductor.list_mode_options(mode) if mode else None
-    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours.
+    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours. Its caches
+    # key on the graph, not on the decomposition table, so they would serve code compiled
+    # without these decompositions (or an older bnfx's): they stay off for bnfx graphs.
     decompositions = {**select_decomp_table(), **DECOMPOSITIONS}
-    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), "fx_graph_cache": False}
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
 
 def _warn_modules_outside_graph() -> None:

@@ -274,11 +274,10 @@ def ghost_batch_norm_decomposition(
     for x in _segments(input, ghost_batch_size):
         size = _values_per_channel(x)
         values = x.to(dtype)
-        mean = _chunk_sums(values, dtype) / size  # [chunks, C]
-        centered = values - _broadcast(mean, x)
-        biased_var = _chunk_sums(centered * centered, dtype) / size
+        # one Welford reduction in inductor; [chunks, C] each
+        biased_var, mean = torch.var_mean(values, dim=(1,) + tuple(range(3, x.dim())), correction=0)
         invstd = torch.rsqrt(biased_var + eps)
-        y = centered * _broadcast(invstd if weight is None else invstd * weight, x)
+        y = (values - _broadcast(mean, x)) * _broadcast(invstd if weight is None else invstd * weight, x)
         if bias is not None:
             y = y + bias.view((-1,) + spatial)
         outs.append(y.to(input.dtype).flatten(0, 1))
