@@ -20,6 +20,7 @@ from torch import nn
 
 import bnfx
 import bnfx.functional
+from bnfx.chunk_loop import ChunkLoopBatchNorm
 
 SHAPES = [
     ((256, 64, 28, 28), 8),
@@ -33,23 +34,6 @@ SHAPES = [
 
 def batch_norm_module(shape) -> nn.Module:
     return {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1])
-
-
-class ChunkLoop(nn.Module):
-    """Composer's GhostBatchNorm algorithm: a Python loop of batch-norm calls over chunks."""
-
-    def __init__(self, bn: nn.Module, ghost_batch_size: int):
-        super().__init__()
-        self.bn, self.ghost_batch_size = bn, ghost_batch_size
-
-    def forward(self, x):
-        nchunks = math.ceil(x.shape[0] / self.ghost_batch_size)
-        momentum = self.bn.momentum
-        self.bn.momentum = momentum / nchunks
-        try:
-            return torch.cat([self.bn(c) for c in x.chunk(nchunks, 0)])
-        finally:
-            self.bn.momentum = momentum
 
 
 class BnfxEager(nn.Module):
@@ -103,7 +87,7 @@ def main() -> None:
         grad = torch.randn(shape)
         variants = {
             "plain": batch_norm_module(shape),
-            "loop": ChunkLoop(batch_norm_module(shape), g),
+            "loop": ChunkLoopBatchNorm(batch_norm_module(shape), g),
             "bnfx": BnfxEager(batch_norm_module(shape), g),
         }
         if not args.no_compile:

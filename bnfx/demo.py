@@ -10,45 +10,15 @@ difference and the step times.
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import time
 
 import torch
 import torchvision
 from tabulate import tabulate
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfx
-
-
-class _ChunkLoopBatchNorm(nn.Module):
-    """Composer's GhostBatchNorm forward: a Python loop of batch-norm calls over chunks."""
-
-    def __init__(self, bn: _BatchNorm, ghost_batch_size: int):
-        super().__init__()
-        self.bn, self.ghost_batch_size = bn, ghost_batch_size
-
-    def forward(self, x):
-        if not self.bn.training:
-            return self.bn(x)
-        nchunks = math.ceil(x.shape[0] / self.ghost_batch_size)
-        momentum = self.bn.momentum
-        self.bn.momentum = momentum / nchunks
-        try:
-            return torch.cat([self.bn(chunk) for chunk in x.chunk(nchunks, 0)])
-        finally:
-            self.bn.momentum = momentum
-
-
-def _chunk_loop_model(model: nn.Module, ghost_batch_size: int) -> nn.Module:
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, _BatchNorm):
-                setattr(module, child_name, _ChunkLoopBatchNorm(child, ghost_batch_size))
-    return model
+from bnfx.chunk_loop import chunk_loop_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    reference = _chunk_loop_model(model, args.ghost_batch_size)
+    reference = chunk_loop_model(model, args.ghost_batch_size)
     print(bnfx.explain(model, ghost_batch_size=args.ghost_batch_size))
     print()
 
