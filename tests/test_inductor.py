@@ -1,0 +1,28 @@
+"""The default inner compiler: inductor fuses the decomposed ghost ops; numbers stay Composer's."""
+
+import torch
+from torch import nn
+
+import bnfx
+from composer_reference import composer_model
+
+
+def test_inductor_matches_composer_with_changing_batch_sizes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    reference = composer_model(model, 16)
+    compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 16})
+    for batch in (70, 64, 33):  # uneven, even, then a recompile with a symbolic batch size
+        x = torch.randn(batch, 3, 8, 8)
+        out, ref_out = compiled(x), reference(x)
+        out.square().mean().backward()
+        ref_out.square().mean().backward()
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[1].weight.grad, reference[1].batchnorm.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad, rtol=1e-4, atol=1e-5)
+        model.zero_grad()
+        reference.zero_grad()
+    state = model[1].state_dict()
+    for key, value in reference[1].batchnorm.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert state["num_batches_tracked"].item() == 5 + 4 + 3
