@@ -17,14 +17,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
-def flat_grads(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,sites", [("resnet18", 20), ("resnet50", 53)])
-def test_resnet_training_steps_match_eager_composer(name, sites):
+def test_resnet_training_steps_match_eager_composer(name, sites, dtype):
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(num_classes=10)
+    model = getattr(torchvision.models, name)(num_classes=10).to(dtype)
     reference = composer_model(model, 16)
     rewritten = []
 
@@ -41,7 +38,7 @@ def test_resnet_training_steps_match_eager_composer(name, sites):
         # over several steps: at random init, perturbing resnet50's batch-norm weights by 1e-7
         # relative moves the next outputs by tens of percent, with Composer against itself.
         reference.load_state_dict({k: v for k, v in zip(reference.state_dict(), model.state_dict().values())})
-        x = torch.randn(40, 3, 32, 32)  # ghost batches of 14, 14, 12
+        x = torch.randn(40, 3, 32, 32, dtype=dtype)  # ghost batches of 14, 14, 12
         y = torch.randint(0, 10, (40,))
         outs = []
         for m in (compiled, reference):
@@ -49,9 +46,12 @@ def test_resnet_training_steps_match_eager_composer(name, sites):
             torch.nn.functional.cross_entropy(out, y).backward()
             outs.append(out.detach())
         assert relative_error(*outs) < 1e-4, step
-        # Ghost gradients differ from the chunk loop in fp32 summation order (~1e-7), which
-        # backpropagation through a random-init ResNet amplifies to ~1e-4 in early layers.
-        assert relative_error(flat_grads(model), flat_grads(reference)) < 1e-3, step
+        if dtype == torch.float64:
+            # In fp32, backpropagation through a random-init ResNet amplifies the ~1e-7
+            # summation-order differences of any two batch-norm kernels to percents.
+            ref_grads = [p.grad for p in reference.parameters()]
+            for (pname, param), ref_grad in zip(model.named_parameters(), ref_grads):
+                assert relative_error(param.grad, ref_grad) < 1e-6, (step, pname)
         state, ref_state = model.state_dict(), unwrapped_state(reference)
         for key in state:
             assert relative_error(state[key].double(), ref_state[key].double()) < 1e-4, (step, key)
