@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
     """``(chunk_size, equal_chunks, last_size)`` of ``batch`` samples split as Composer does.
 
