@@ -29,16 +29,16 @@ class BatchNormSite:
     form: str  # "call_module", "F.batch_norm", "torch.batch_norm", "aten.batch_norm"
     name: str  # the module path where known, else the node name
     input: fx.Node
-    weight: Any  # fx.Node or None
-    bias: Any
-    running_mean: Any
-    running_var: Any
-    num_batches_tracked: fx.Node | None
-    tracked_update: fx.Node | None  # `num_batches_tracked.add_(1)` that Dynamo puts before the call
-    training: Any  # bool literal, an fx.Node, or None: the module's flag at run time
     momentum: Any  # float, None, or an fx.Node computed in the graph
     eps: Any
-    module: _BatchNorm | None = None
+    training: Any = None  # bool literal, an fx.Node, or None: the module's flag at run time
+    module: _BatchNorm | None = None  # call_module sites: the module holds the state below
+    weight: Any = None  # fx.Node or None
+    bias: Any = None
+    running_mean: Any = None
+    running_var: Any = None
+    num_batches_tracked: fx.Node | None = None
+    tracked_update: fx.Node | None = None  # `num_batches_tracked.add_(1)` Dynamo puts before the call
 
 
 def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
@@ -71,40 +71,16 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
 
 
 def _module_site(node: fx.Node, module: _BatchNorm) -> BatchNormSite:
-    return BatchNormSite(
-        node=node,
-        form="call_module",
-        name=node.target,
-        input=node.args[0] if node.args else node.kwargs["input"],
-        weight=None,
-        bias=None,
-        running_mean=None,
-        running_var=None,
-        num_batches_tracked=None,
-        tracked_update=None,
-        training=None,
-        momentum=module.momentum,
-        eps=module.eps,
-        module=module,
-    )
+    x = node.args[0] if node.args else node.kwargs["input"]
+    return BatchNormSite(node, "call_module", node.target, x, module.momentum, module.eps, module=module)
 
 
 def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps) -> BatchNormSite:
     tracked = _num_batches_tracked(gm, mean)
     return BatchNormSite(
-        node=node,
-        form=form,
-        name=_site_name(node),
-        input=x,
-        weight=weight,
-        bias=bias,
-        running_mean=mean,
-        running_var=var,
-        num_batches_tracked=tracked,
-        tracked_update=_tracked_update(tracked, node),
-        training=training,
-        momentum=momentum,
-        eps=eps,
+        node, form, _site_name(node), x, momentum, eps, training=training,
+        weight=weight, bias=bias, running_mean=mean, running_var=var,
+        num_batches_tracked=tracked, tracked_update=_tracked_update(tracked, node),
     )
 
 
