@@ -6,10 +6,11 @@ STAMP := $(VENV)/.bnfx-installed
 
 .PHONY: test demo bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile bnfx/ops/csrc/ghost_batch_norm_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	# --no-build-isolation: the C++ kernels build against the torch installed above
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

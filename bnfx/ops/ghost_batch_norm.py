@@ -19,6 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+try:  # the fused C++ CPU kernels, built at install time when a compiler is there
+    from bnfx.ops import _ghost_cpu
+except ImportError:
+    _ghost_cpu = None
+
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
     """``(chunk_size, equal_chunks, last_size)`` of ``batch`` samples split as Composer does.
@@ -94,6 +99,18 @@ def _cat(per_segment: list[Tensor]) -> Tensor:
     return per_segment[0] if len(per_segment) == 1 else torch.cat(per_segment)
 
 
+def _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum):
+    """``(new_running_mean, new_running_var, new_num_batches_tracked)``, empty where None."""
+    if running_mean is None:
+        new_mean, new_var = input.new_empty(0), input.new_empty(0)
+    else:
+        new_mean, new_var = _new_running_stats(
+            running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum
+        )
+    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
+    return new_mean, new_var, new_tracked
+
+
 def _new_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -119,6 +136,38 @@ def _new_running_stats(
     return new_mean, new_var
 
 
+def _forward_views(input, weight, bias, ghost_batch_size, eps):
+    """Any device, layout and dtype: ``(out, save_mean, save_invstd, unbiased_var)``."""
+    dtype = _stat_dtype(input)
+    out = torch.empty_like(input)
+    bias_view = None if bias is None else bias.view((-1,) + (1,) * (input.dim() - 2))
+    means, invstds, unbiased_vars = [], [], []
+    for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
+        size = _values_per_channel(x)
+        mean = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
+        torch.sub(x, _broadcast(mean, x), out=y)  # y holds x - mean for now
+        biased_var = _chunk_squares(y, dtype).div_(size)
+        invstd = torch.rsqrt(biased_var + eps)
+        scale = _broadcast(invstd if weight is None else invstd * weight, x)
+        if bias_view is None:
+            y.mul_(scale)
+        else:
+            torch.addcmul(bias_view, y, scale, out=y)
+        means.append(mean)
+        invstds.append(invstd)
+        unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
+    return out, _cat(means), _cat(invstds), _cat(unbiased_vars)
+
+
+def _uses_fused_cpu(input: Tensor) -> bool:
+    return (
+        _ghost_cpu is not None
+        and input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.float64)
+        and input.is_contiguous()
+    )
+
+
 @torch.library.custom_op("bnfx::ghost_batch_norm", mutates_args=())
 def ghost_batch_norm(
     input: Tensor,
@@ -138,36 +187,13 @@ def ghost_batch_norm(
     ``save_mean``/``save_invstd`` are ``[nchunks, C]`` for the backward.
     """
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
-    dtype = _stat_dtype(input)
-    out = torch.empty_like(input)
-    bias_view = None if bias is None else bias.view((-1,) + (1,) * (input.dim() - 2))
-    means, invstds, unbiased_vars = [], [], []
-    for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
-        size = _values_per_channel(x)
-        mean = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
-        torch.sub(x, _broadcast(mean, x), out=y)  # y holds x - mean for now
-        biased_var = _chunk_squares(y, dtype).div_(size)
-        invstd = torch.rsqrt(biased_var + eps)
-        scale = _broadcast(invstd if weight is None else invstd * weight, x)
-        if bias_view is None:
-            y.mul_(scale)
-        else:
-            torch.addcmul(bias_view, y, scale, out=y)
-        means.append(mean)
-        invstds.append(invstd)
-        if running_mean is not None:
-            unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
-    save_mean, save_invstd = _cat(means), _cat(invstds)  # [nchunks, C]
-
-    if running_mean is None:
-        new_mean, new_var = input.new_empty(0), input.new_empty(0)
+    if _uses_fused_cpu(input):
+        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+        out, save_mean, save_invstd, unbiased = _ghost_cpu.forward(input, weight, bias, chunk_size, eps)
     else:
-        unbiased = _cat(unbiased_vars)
-        new_mean, new_var = _new_running_stats(
-            running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum
-        )
-    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
-    return out, new_mean, new_var, new_tracked, save_mean, save_invstd
+        out, save_mean, save_invstd, unbiased = _forward_views(input, weight, bias, ghost_batch_size, eps)
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
+    return (out, *state, save_mean, save_invstd)
 
 
 @ghost_batch_norm.register_fake
@@ -189,23 +215,11 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost
     )
 
 
-@torch.library.custom_op("bnfx::ghost_batch_norm_backward", mutates_args=())
-def ghost_batch_norm_backward(
-    grad_out: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    save_mean: Tensor,
-    save_invstd: Tensor,
-    ghost_batch_size: int,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ghost_batch_norm's output: ``(grad_input, grad_weight, grad_bias)``.
-
-    ``grad_weight`` and ``grad_bias`` are empty when ``weight`` is None.
-    """
+def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+    """Any device, layout and dtype: ``(grad_input, sum_dy, sum_dy_xmu)``, sums [nchunks, C]."""
     dtype = _stat_dtype(input)
     grad_input = torch.empty_like(input)
-    start, grad_weight, grad_bias = 0, 0, 0
+    start, sums_dy, sums_dy_xmu = 0, [], []
     segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
     for dy, x, dx in segments:  # 1 or 2 views
         chunks, size = x.shape[0], _values_per_channel(x)
@@ -221,12 +235,36 @@ def ghost_batch_norm_backward(
         c = torch.addcmul(b * mean, a, sum_dy, value=1.0 / size).neg_()
         torch.addcmul(_broadcast(c, x), x, _broadcast(b, x), out=dx)
         dx.addcmul_(dy, _broadcast(a, x))
-        grad_weight = grad_weight + (sum_dy_xmu * invstd).sum(0)
-        grad_bias = grad_bias + sum_dy.sum(0)
+        sums_dy.append(sum_dy)
+        sums_dy_xmu.append(sum_dy_xmu)
+    return grad_input, _cat(sums_dy), _cat(sums_dy_xmu)
 
+
+@torch.library.custom_op("bnfx::ghost_batch_norm_backward", mutates_args=())
+def ghost_batch_norm_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    ghost_batch_size: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ghost_batch_norm's output: ``(grad_input, grad_weight, grad_bias)``.
+
+    ``grad_weight`` and ``grad_bias`` are empty when ``weight`` is None.
+    """
+    if _uses_fused_cpu(input):
+        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+        grad_input, sum_dy, sum_dy_xmu = _ghost_cpu.backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
+    else:
+        grad_input, sum_dy, sum_dy_xmu = _backward_views(
+            grad_out, input, weight, save_mean, save_invstd, ghost_batch_size
+        )
     if weight is None:
         return grad_input, input.new_empty(0), input.new_empty(0)
-    return grad_input, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    grad_weight = (sum_dy_xmu * save_invstd).sum(0)
+    return grad_input, grad_weight.to(weight.dtype), sum_dy.sum(0).to(weight.dtype)
 
 
 @ghost_batch_norm_backward.register_fake
@@ -285,16 +323,9 @@ def ghost_batch_norm_decomposition(
         means.append(mean)
         invstds.append(invstd)
         unbiased_vars.append(biased_var * (size / max(size - 1, 1)))
-    out = _cat(outs)
     save_mean, save_invstd = _cat(means), _cat(invstds)
-    if running_mean is None:
-        new_mean, new_var = input.new_empty(0), input.new_empty(0)
-    else:
-        new_mean, new_var = _new_running_stats(
-            running_mean, running_var, num_batches_tracked, save_mean, _cat(unbiased_vars), momentum
-        )
-    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
-    return out, new_mean, new_var, new_tracked, save_mean, save_invstd
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, _cat(unbiased_vars), momentum)
+    return (_cat(outs), *state, save_mean, save_invstd)
 
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):

@@ -7,9 +7,23 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
+from bnfx.ops import ghost_batch_norm as op_module
 from bnfx.ops import ghost_chunk_layout
 
 op = torch.ops.bnfx.ghost_batch_norm
+
+
+@pytest.fixture(params=["fused-cpu", "views"])
+def kernel(request, monkeypatch):
+    """Run a test on the C++ CPU kernel and on the PyTorch kernel every other device uses."""
+    if request.param == "views":
+        monkeypatch.setattr(op_module, "_ghost_cpu", None)
+    return request.param
+
+
+def test_fused_cpu_kernel_is_built():
+    # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
+    assert op_module._ghost_cpu is not None
 
 
 def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):
@@ -46,7 +60,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,g,momentum,affine,track", CASES)
-def test_matches_chunk_loop(shape, g, momentum, affine, track):
+def test_matches_chunk_loop(shape, g, momentum, affine, track, kernel):
     torch.manual_seed(0)
     C = shape[1]
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
@@ -78,7 +92,7 @@ def test_matches_chunk_loop(shape, g, momentum, affine, track):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_matches_chunk_loop(dtype):
+def test_low_precision_matches_chunk_loop(dtype, kernel):
     torch.manual_seed(0)
     x = torch.randn(40, 8, 6, 6).to(dtype)
     weight, bias = torch.randn(8), torch.randn(8)
@@ -92,7 +106,7 @@ def test_low_precision_matches_chunk_loop(dtype):
     torch.testing.assert_close(new_var, ref_var, atol=1e-3, rtol=1e-3)
 
 
-def test_channels_last_keeps_layout_and_values():
+def test_channels_last_keeps_layout_and_values(kernel):
     x = torch.randn(48, 8, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     out = op(x, w, b, None, None, None, 16, 0.1, 1e-5)[0]
@@ -111,7 +125,7 @@ def test_channels_last_keeps_layout_and_values():
         (torch.randn(20, 4, 7), torch.randn(4), None, torch.zeros(4), torch.ones(4), torch.tensor(3), 5, None, 1e-3),
     ],
 )
-def test_opcheck(args):
+def test_opcheck(args, kernel):
     args = list(args)
     args[0].requires_grad_()
     if args[1] is not None:

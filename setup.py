@@ -1,0 +1,25 @@
+"""Builds the C++ CPU kernels; everything else is declared in pyproject.toml.
+
+Needs torch at build time: ``pip install --no-build-isolation -e .`` after installing torch
+(the Makefile does). The extension is optional: without a C++ compiler bnfx installs and
+runs on its pure-PyTorch kernels.
+"""
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+# Reassociating float sums lets GCC vectorize the reductions; NaN and inf semantics stay.
+FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "bnfx.ops._ghost_cpu",
+            ["bnfx/ops/csrc/ghost_batch_norm_cpu.cpp"],
+            extra_compile_args=FLAGS,
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+)
