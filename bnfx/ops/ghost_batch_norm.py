@@ -7,11 +7,15 @@ its own mean and biased variance. The running statistics end where Composer's se
 per-chunk updates end (momentum / nchunks per chunk, unbiased variance), computed in closed
 form; with ``momentum=None`` every chunk counts as one batch of the cumulative average.
 
-The kernel works on views of the input, ``[nchunks, chunk_size, C, ...]`` for the equal
-chunks and ``[1, last, C, ...]`` for a shorter last one: per-chunk statistics are reductions
-over those views and the outputs are broadcast passes, so there is no copy of the input and
-no Python loop over chunks. The only full-size allocation per direction is the result, as in
-torch's kernel (on CPU a fresh large buffer costs as much as an arithmetic pass).
+Two kernels, neither with a Python loop over chunks:
+
+- contiguous fp32/fp64 CPU input: C++ (``csrc/ghost_batch_norm_cpu.cpp``), which reduces and
+  normalizes each (chunk, channel) while it is in cache;
+- everything else (other devices, layouts, dtypes): PyTorch ops on views of the input,
+  ``[nchunks, chunk_size, C, ...]`` for the equal chunks and ``[1, last, C, ...]`` for a
+  shorter last one, with no copy of the input and one full-size allocation per direction.
+
+Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which it fuses.
 """
 
 from __future__ import annotations

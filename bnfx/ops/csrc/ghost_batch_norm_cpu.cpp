@@ -2,8 +2,9 @@
 // (S = product of the spatial sizes, 1 for [B, C] input). Chunk j holds samples
 // [j * chunk_size, min(B, (j + 1) * chunk_size)). Each (chunk, channel) is reduced and
 // normalized while its values are still in cache: the fused loop torch's own batch-norm
-// kernel runs per channel, run per (chunk, channel). Sums over chunks accumulate in double;
-// statistics are returned in the input's math type (float for float).
+// kernel runs per channel, run per (chunk, channel). Spatial input accumulates each row in
+// the math type (float for float) and rows in double; [B, C] input, whose chunks are a few
+// rows, accumulates in the math type. Statistics come back in the math type.
 
 #include <torch/extension.h>
 
