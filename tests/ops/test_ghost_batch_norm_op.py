@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch.library import opcheck
 
@@ -150,3 +152,34 @@ def test_state_outputs_are_not_differentiable():
     )
     assert out.requires_grad
     assert not any(t.requires_grad for t in (new_mean, new_var, new_tracked, save_mean, save_invstd))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(2, 40),
+    g=st.integers(1, 45),
+    channels=st.integers(1, 5),
+    spatial=st.sampled_from([(), (1,), (3,), (2, 3)]),
+    momentum=st.sampled_from([0.1, 0.9, None]),
+    fused=st.booleans(),
+)
+def test_property_matches_chunk_loop(batch, g, channels, spatial, momentum, fused):
+    shape = (batch, channels, *spatial)
+    size, _, last = ghost_chunk_layout(batch, g)
+    assume((last or size) * math.prod(spatial) > 1)  # torch refuses a 1-value batch too
+    torch.manual_seed(batch * 1000 + g)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    weight, bias = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    mean, var, tracked = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64), torch.tensor(4)
+    ref_state = [mean.clone(), var.clone(), tracked.clone()]
+    ref = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
+    original = op_module._ghost_cpu
+    try:
+        op_module._ghost_cpu = original if fused else None
+        out, new_mean, new_var, new_tracked, *_ = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
+    finally:
+        op_module._ghost_cpu = original
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(new_mean, ref_state[0])
+    torch.testing.assert_close(new_var, ref_state[1])
+    assert new_tracked.item() == ref_state[2].item()
