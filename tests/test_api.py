@@ -91,3 +91,13 @@ def test_import_twice_registers_once():
     script = "import torch, bnfx, bnfx.ops; import bnfx; print(hasattr(torch.ops.bnfx, 'ghost_batch_norm'))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+
+
+def test_compile_door_reports_bad_options_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 0, "inner": "eager"})
+    with pytest.raises(Exception, match="ghost_batch_size must be a positive int, got 0"):
+        compiled(torch.randn(6, 3))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
