@@ -11,15 +11,19 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 # Reassociating float sums lets GCC vectorize the reductions; NaN and inf semantics stay.
 FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
+
+def kernels(name: str, *isa_flags: str) -> CppExtension:
+    return CppExtension(
+        f"bnfx.ops.{name}",
+        ["bnfx/ops/csrc/ghost_batch_norm_cpu.cpp"],
+        extra_compile_args=FLAGS + list(isa_flags),
+        extra_link_args=["-fopenmp"],
+        optional=True,
+    )
+
+
 setup(
-    ext_modules=[
-        CppExtension(
-            "bnfx.ops._ghost_cpu",
-            ["bnfx/ops/csrc/ghost_batch_norm_cpu.cpp"],
-            extra_compile_args=FLAGS,
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        )
-    ],
+    # A portable build, and one for AVX2 CPUs (chosen at import, as torch picks its own kernels).
+    ext_modules=[kernels("_ghost_cpu"), kernels("_ghost_cpu_avx2", "-mavx2", "-mfma")],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -20,13 +20,26 @@ Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
-try:  # the fused C++ CPU kernels, built at install time when a compiler is there
-    from bnfx.ops import _ghost_cpu
-except ImportError:
-    _ghost_cpu = None
+
+def _load_cpu_kernels():
+    """The fused C++ CPU kernels built at install time (AVX2 build where the CPU has it), or None."""
+    names = ["bnfx.ops._ghost_cpu"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        names.insert(0, "bnfx.ops._ghost_cpu_avx2")
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+_ghost_cpu = _load_cpu_kernels()
 
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:

@@ -26,6 +26,8 @@ def kernel(request, monkeypatch):
 def test_fused_cpu_kernel_is_built():
     # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
     assert op_module._ghost_cpu is not None
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert op_module._ghost_cpu.__name__ == "bnfx.ops._ghost_cpu_avx2"
 
 
 def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):

@@ -49,36 +49,67 @@ double row_centered_squares(const T* x, int64_t n, at::opmath_type<T> mean) {
   return acc;
 }
 
-// [B, C] input: each chunk is a block of rows; loops run along the contiguous channels.
+// Row loops over the contiguous channels of [B, C] input, with restrict pointers so that
+// they vectorize.
+template <typename T, typename A>
+void add_row(A* __restrict sum, const T* __restrict x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) sum[c] += x[c];
+}
+
+template <typename T, typename A>
+void add_centered_squares(A* __restrict squares, const T* __restrict x, const A* __restrict mean, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const A d = x[c] - mean[c];
+    squares[c] += d * d;
+  }
+}
+
+template <typename T, typename A>
+void affine_row(T* __restrict out, const T* __restrict x, const A* __restrict scale, const A* __restrict shift,
+                int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = T(x[c] * scale[c] + shift[c]);
+}
+
+template <typename T, typename A>
+void add_grad_sums(A* __restrict sum_dy, A* __restrict sum_dy_xmu, const T* __restrict dy, const T* __restrict x,
+                   const A* __restrict mean, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    sum_dy[c] += dy[c];
+    sum_dy_xmu[c] += dy[c] * (x[c] - mean[c]);
+  }
+}
+
+template <typename T, typename A>
+void grad_row(T* __restrict dx, const T* __restrict dy, const T* __restrict x, const A* __restrict a,
+              const A* __restrict k, const A* __restrict c0, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dx[c] = T(a[c] * dy[c] - k[c] * x[c] + c0[c]);
+}
+
+// [B, C] input: each chunk is a block of rows, whose sums accumulate in the math type.
 template <typename T>
 void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double eps, T* out, at::opmath_type<T>* mean,
                   at::opmath_type<T>* invstd, at::opmath_type<T>* var) {
+  using A = at::opmath_type<T>;
   const int64_t C = l.channels;
   at::parallel_for(0, l.nchunks, 1, [&](int64_t first, int64_t last) {
-    // a chunk is a few rows: its sums accumulate in the math type, vectorized along channels
-    std::vector<at::opmath_type<T>> sum(C), squares(C), m(C), scale(C), shift(C);
+    std::vector<A> sum(C), squares(C), m(C), scale(C), shift(C);
     for (int64_t j = first; j < last; ++j) {
-      std::fill(sum.begin(), sum.end(), 0);
-      std::fill(squares.begin(), squares.end(), 0);
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        for (int64_t c = 0; c < C; ++c) sum[c] += x[r * C + c];
-      for (int64_t c = 0; c < C; ++c) m[c] = sum[c] / l.count(j);
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const auto d = x[r * C + c] - m[c];
-          squares[c] += d * d;
-        }
+      const double n = l.count(j);
+      std::fill(sum.begin(), sum.end(), A(0));
+      std::fill(squares.begin(), squares.end(), A(0));
+      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_row(sum.data(), x + r * C, C);
+      for (int64_t c = 0; c < C; ++c) m[c] = sum[c] / n;
+      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_centered_squares(squares.data(), x + r * C, m.data(), C);
       for (int64_t c = 0; c < C; ++c) {
-        const double v = squares[c] / l.count(j), is = 1.0 / std::sqrt(v + eps);
+        const double v = squares[c] / n, is = 1.0 / std::sqrt(v + eps);
         const double ws = is * (w ? double(w[c]) : 1.0);
         mean[j * C + c] = m[c];
         invstd[j * C + c] = is;
-        var[j * C + c] = v * l.count(j) / (l.count(j) - 1);
+        var[j * C + c] = v * n / (n - 1);
         scale[c] = ws;
         shift[c] = (b ? double(b[c]) : 0.0) - double(m[c]) * ws;
       }
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        for (int64_t c = 0; c < C; ++c) out[r * C + c] = T(x[r * C + c] * scale[c] + shift[c]);
+      for (int64_t r = l.begin(j); r < l.end(j); ++r) affine_row(out + r * C, x + r * C, scale.data(), shift.data(), C);
     }
   });
 }
@@ -86,29 +117,27 @@ void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double ep
 template <typename T>
 void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const at::opmath_type<T>* mean,
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
+  using A = at::opmath_type<T>;
   const int64_t C = l.channels;
   at::parallel_for(0, l.nchunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<at::opmath_type<T>> s_dy(C), s_dyx(C), m(C), fa(C), fk(C), fc(C);
+    std::vector<A> s_dy(C), s_dyx(C), fa(C), fk(C), fc(C);
     for (int64_t j = first; j < last; ++j) {
-      std::fill(s_dy.begin(), s_dy.end(), 0);
-      std::fill(s_dyx.begin(), s_dyx.end(), 0);
-      for (int64_t c = 0; c < C; ++c) m[c] = mean[j * C + c];
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          s_dy[c] += dy[r * C + c];
-          s_dyx[c] += dy[r * C + c] * (x[r * C + c] - m[c]);
-        }
+      const double n = l.count(j);
+      const A* m = mean + j * C;
+      std::fill(s_dy.begin(), s_dy.end(), A(0));
+      std::fill(s_dyx.begin(), s_dyx.end(), A(0));
+      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_grad_sums(s_dy.data(), s_dyx.data(), dy + r * C, x + r * C, m, C);
       for (int64_t c = 0; c < C; ++c) {
-        const double n = l.count(j), is = invstd[j * C + c];
+        const double is = invstd[j * C + c];
         const double a = is * (w ? double(w[c]) : 1.0), k = s_dyx[c] / n * is * is;
         sum_dy[j * C + c] = s_dy[c];
         sum_dy_xmu[j * C + c] = s_dyx[c];
         fa[c] = a;
         fk[c] = a * k;
-        fc[c] = a * (k * mean[j * C + c] - s_dy[c] / n);
+        fc[c] = a * (k * m[c] - s_dy[c] / n);
       }
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        for (int64_t c = 0; c < C; ++c) dx[r * C + c] = T(fa[c] * dy[r * C + c] - fk[c] * x[r * C + c] + fc[c]);
+        grad_row(dx + r * C, dy + r * C, x + r * C, fa.data(), fk.data(), fc.data(), C);
     }
   });
 }
