@@ -62,11 +62,12 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
 
     from bnfx.ops import DECOMPOSITIONS
 
-    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours. Its caches
-    # key on the graph, not on the decomposition table, so they would serve code compiled
-    # without these decompositions (or an older bnfx's): they stay off for bnfx graphs.
+    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours. The
+    # AOTAutograd cache keys on Dynamo's graph, not on the decomposition table, so it would
+    # serve code compiled without these decompositions (or an older bnfx's): it stays off for
+    # bnfx graphs. Inductor's own cache keys on the decomposed graph and stays on.
     decompositions = {**select_decomp_table(), **DECOMPOSITIONS}
-    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), "fx_graph_cache": False}
+    patches = torch._inductor.list_mode_options(mode) if mode else None
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
