@@ -83,14 +83,12 @@ def _warn_modules_outside_graph() -> None:
     tx = getattr(symbolic_convert.tls, "current_tx", None)
     roots = [v for v in getattr(tx, "f_locals", {}).values() if isinstance(v, nn.Module)]
     for root in roots:
-        names = [
-            name
-            for name, m in root.named_modules()
-            if isinstance(m, _BatchNorm) and m.momentum is None and m.track_running_stats and m not in _reported_modules
-        ]
-        for m in root.modules():
-            if isinstance(m, _BatchNorm) and m.momentum is None:
+        names = []
+        for name, m in root.named_modules():
+            if isinstance(m, _BatchNorm) and m.momentum is None and m not in _reported_modules:
                 _reported_modules.add(m)
+                if m.track_running_stats:
+                    names.append(name)
         if names:
             log.warning(
                 "bnfx: batch-norm modules with momentum=None run outside the compiled graph "

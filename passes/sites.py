@@ -88,15 +88,14 @@ def _num_batches_tracked(gm: fx.GraphModule, running_mean: Any) -> fx.Node | Non
     """The counter buffer that belongs with ``running_mean``, found by the name both share."""
     if not isinstance(running_mean, fx.Node):
         return None
-    if running_mean.op == "get_attr":
-        wanted = running_mean.target.replace("running_mean", "num_batches_tracked")
-        match = lambda n: n.op == "get_attr" and n.target == wanted  # noqa: E731
-    else:
-        wanted = running_mean.name.replace("running_mean", "num_batches_tracked")
-        match = lambda n: n.name == wanted  # noqa: E731
-    if wanted == getattr(running_mean, "target", None) or wanted == running_mean.name:
+    by_target = running_mean.op == "get_attr"
+    key = running_mean.target if by_target else running_mean.name
+    if "running_mean" not in key:
         return None
-    return next((n for n in gm.graph.nodes if match(n)), None)
+    wanted = key.replace("running_mean", "num_batches_tracked")
+    if by_target:
+        return next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == wanted), None)
+    return next((n for n in gm.graph.nodes if n.name == wanted), None)
 
 
 def _tracked_update(tracked: fx.Node | None, site: fx.Node) -> fx.Node | None:

@@ -48,7 +48,7 @@ def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int
     ``equal_chunks`` chunks of ``chunk_size`` samples come first; ``last_size`` (possibly 0)
     samples form one more chunk. The number of chunks is always ``ceil(batch / ghost_batch_size)``.
     """
-    nchunks = (batch + ghost_batch_size - 1) // ghost_batch_size
+    nchunks = ghost_chunk_count(batch, ghost_batch_size)
     chunk_size = (batch + nchunks - 1) // nchunks
     return chunk_size, batch // chunk_size, batch % chunk_size
 
@@ -232,6 +232,14 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost
     )
 
 
+def _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd):
+    """The backward's outputs from the per-chunk sums ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    if weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    grad_weight = (sum_dy_xmu * save_invstd).sum(0)
+    return grad_input, grad_weight.to(weight.dtype), sum_dy.sum(0).to(weight.dtype)
+
+
 def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
     """Any device, layout and dtype: ``(grad_input, sum_dy, sum_dy_xmu)``, sums [nchunks, C]."""
     dtype = _stat_dtype(input)
@@ -278,10 +286,7 @@ def ghost_batch_norm_backward(
         grad_input, sum_dy, sum_dy_xmu = _backward_views(
             grad_out, input, weight, save_mean, save_invstd, ghost_batch_size
         )
-    if weight is None:
-        return grad_input, input.new_empty(0), input.new_empty(0)
-    grad_weight = (sum_dy_xmu * save_invstd).sum(0)
-    return grad_input, grad_weight.to(weight.dtype), sum_dy.sum(0).to(weight.dtype)
+    return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
 
 
 @ghost_batch_norm_backward.register_fake
@@ -347,7 +352,7 @@ def ghost_batch_norm_decomposition(
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
     dtype = _stat_dtype(input)
-    grads, start, grad_weight, grad_bias = [], 0, 0, 0
+    grads, start, sums_dy, sums_dy_xmu = [], 0, [], []
     for dy, x in zip(_segments(grad_out, ghost_batch_size), _segments(input, ghost_batch_size)):
         chunks, size = x.shape[0], _values_per_channel(x)
         mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
@@ -360,12 +365,9 @@ def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, 
         k = sum_dy_xmu / size * invstd * invstd
         dx = _broadcast(a, x) * (dy_values - _broadcast(sum_dy / size, x) - centered * _broadcast(k, x))
         grads.append(dx.to(input.dtype).flatten(0, 1))
-        grad_weight = grad_weight + (sum_dy_xmu * invstd).sum(0)
-        grad_bias = grad_bias + sum_dy.sum(0)
-    grad_input = _cat(grads)
-    if weight is None:
-        return grad_input, input.new_empty(0), input.new_empty(0)
-    return grad_input, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        sums_dy.append(sum_dy)
+        sums_dy_xmu.append(sum_dy_xmu)
+    return _input_and_affine_grads(input, weight, _cat(grads), _cat(sums_dy), _cat(sums_dy_xmu), save_invstd)
 
 
 DECOMPOSITIONS = {
