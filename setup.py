@@ -15,7 +15,7 @@ FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-tra
 def kernels(name: str, *isa_flags: str) -> CppExtension:
     return CppExtension(
         f"bnfx.ops.{name}",
-        ["bnfx/ops/csrc/ghost_batch_norm_cpu.cpp"],
+        ["bnfx/ops/csrc/batch_norm_cpu.cpp"],
         extra_compile_args=FLAGS + list(isa_flags),
         extra_link_args=["-fopenmp"],
         optional=True,
@@ -24,6 +24,6 @@ def kernels(name: str, *isa_flags: str) -> CppExtension:
 
 setup(
     # A portable build, and one for AVX2 CPUs (chosen at import, as torch picks its own kernels).
-    ext_modules=[kernels("_ghost_cpu"), kernels("_ghost_cpu_avx2", "-mavx2", "-mfma")],
+    ext_modules=[kernels("_cpu_kernels"), kernels("_cpu_kernels_avx2", "-mavx2", "-mfma")],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,16 +28,46 @@ def ghost_batch_norm(
     >>> y = ghost_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
     ...                      ghost_batch_size=32, num_batches_tracked=bn.num_batches_tracked)
     """
-    out, new_mean, new_var, new_tracked, _, _ = torch.ops.bnfx.ghost_batch_norm(
+    out, *new_state = torch.ops.bnfx.ghost_batch_norm(
         input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
     )
+    _write_state(running_mean, running_var, num_batches_tracked, *new_state[:3])
+    return out
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    group: dist.ProcessGroup | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """Training-mode batch norm over every rank of ``group`` (default: WORLD); updates the
+    given running statistics in place, identically on every rank.
+
+    >>> y = sync_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+    ...                     num_batches_tracked=bn.num_batches_tracked)
+    """
+    group_name = (group or dist.group.WORLD).group_name
+    out, *new_state = torch.ops.bnfx.sync_batch_norm(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
+    )
+    _write_state(running_mean, running_var, num_batches_tracked, *new_state[:3])
+    return out
+
+
+def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked) -> None:
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
         if num_batches_tracked is not None:
             num_batches_tracked.copy_(new_tracked)
-    return out
 
 
 def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size: int) -> Tensor:
@@ -44,6 +75,27 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
 
     Reads the module's train/eval flag at call time, as ``_BatchNorm.forward`` does.
     """
+    return _batch_stats_module(module, input, ghost_batch_norm, ghost_batch_size=ghost_batch_size)
+
+
+def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -> Tensor:
+    """What ``module(input)`` computes, with statistics over the process group ``group_name``
+    wherever it uses batch statistics. Reads the train/eval flag at call time."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    return _batch_stats_module(module, input, sync_batch_norm, group=group)
+
+
+def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
+    """``module(input)`` normalized with its running statistics, which stay as they are, in
+    train and eval mode; weight and bias get no gradient (MegEngine's ``freeze=True``)."""
+    module._check_input_dim(input)
+    weight = None if module.weight is None else module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    return F.batch_norm(input, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
+
+
+def _batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs) -> Tensor:
+    """``_BatchNorm.forward`` with ``batch_norm`` wherever it would use batch statistics."""
     module._check_input_dim(input)
     uses_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     if not uses_batch_stats:
@@ -51,7 +103,7 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
             input, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
         )
     updates_state = module.training and module.track_running_stats
-    return ghost_batch_norm(
+    return batch_norm(
         input,
         module.running_mean if updates_state else None,
         module.running_var if updates_state else None,
@@ -59,6 +111,6 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
         module.bias,
         module.momentum,
         module.eps,
-        ghost_batch_size=ghost_batch_size,
         num_batches_tracked=module.num_batches_tracked if updates_state else None,
+        **kwargs,
     )

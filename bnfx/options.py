@@ -27,14 +27,16 @@ class Options:
     def describe(self) -> str:
         if self.mode == "ghost":
             return f"ghost_batch_size={self.ghost_batch_size}"
-        return f"sync={self.sync!r}" + (f", group_size={self.group_size}" if self.group_size else "")
+        sync = self.sync.group_name if isinstance(self.sync, dist.ProcessGroup) else self.sync
+        extras = (f", group_size={self.group_size}" if self.group_size else "") + (", freeze" if self.freeze else "")
+        return f"sync={sync!r}{extras}"
 
 
 def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Options:
     """Check every option and pick the mode; raise before anything is changed.
 
-    Neither ``ghost_batch_size`` nor ``sync`` given: sync over WORLD when a process group
-    with more than one rank is initialized, otherwise ghost with 32.
+    ``group_size`` or ``freeze`` alone mean sync mode. None of them given: sync over WORLD
+    when a process group with more than one rank is initialized, otherwise ghost with 32.
     """
     allowed = _BACKEND_OPTIONS if backend else _GRAPH_OPTIONS
     for key in options:
@@ -64,7 +66,7 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
 
     if ghost is not None or sync is False:
         mode = "ghost"
-    elif sync is not None:
+    elif sync is not None or group_size is not None or freeze:
         mode = "sync"
     else:
         mode = "sync" if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else "ghost"

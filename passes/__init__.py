@@ -7,6 +7,7 @@ from torch import fx
 from bnfx.passes.ghost import rewrite_ghost
 from bnfx.passes.report import Report, SiteRecord
 from bnfx.passes.sites import BatchNormSite, find_sites
+from bnfx.passes.sync import rewrite_sync
 
 __all__ = ["BatchNormSite", "Report", "SiteRecord", "find_sites", "pipeline", "run_passes"]
 
@@ -15,7 +16,7 @@ def pipeline(options) -> list:
     """The passes that ``options`` call for, in the order they run."""
     if options.mode == "ghost":
         return [rewrite_ghost]
-    raise NotImplementedError(f"sync mode ({options.describe()}) is not available yet; use ghost_batch_size")
+    return [rewrite_sync]
 
 
 def run_passes(gm: fx.GraphModule, options) -> Report:

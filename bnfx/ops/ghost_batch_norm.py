@@ -9,7 +9,7 @@ form; with ``momentum=None`` every chunk counts as one batch of the cumulative a
 
 Two kernels, neither with a Python loop over chunks:
 
-- contiguous fp32/fp64 CPU input: C++ (``csrc/ghost_batch_norm_cpu.cpp``), which reduces and
+- contiguous fp32/fp64 CPU input: C++ (``csrc/batch_norm_cpu.cpp``), which reduces and
   normalizes each (chunk, channel) while it is in cache;
 - everything else (other devices, layouts, dtypes): PyTorch ops on views of the input,
   ``[nchunks, chunk_size, C, ...]`` for the equal chunks and ``[1, last, C, ...]`` for a
@@ -20,26 +20,13 @@ Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
-
-def _load_cpu_kernels():
-    """The fused C++ CPU kernels built at install time (AVX2 build where the CPU has it), or None."""
-    names = ["bnfx.ops._ghost_cpu"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        names.insert(0, "bnfx.ops._ghost_cpu_avx2")
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
+from bnfx.ops import cpu_kernels
 
 
-_ghost_cpu = _load_cpu_kernels()
+_cpu_kernels = cpu_kernels.load()
 
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
@@ -177,12 +164,7 @@ def _forward_views(input, weight, bias, ghost_batch_size, eps):
 
 
 def _uses_fused_cpu(input: Tensor) -> bool:
-    return (
-        _ghost_cpu is not None
-        and input.device.type == "cpu"
-        and input.dtype in (torch.float32, torch.float64)
-        and input.is_contiguous()
-    )
+    return cpu_kernels.handles(_cpu_kernels, input)
 
 
 @torch.library.custom_op("bnfx::ghost_batch_norm", mutates_args=())
@@ -206,7 +188,7 @@ def ghost_batch_norm(
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
     if _uses_fused_cpu(input):
         chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-        out, save_mean, save_invstd, unbiased = _ghost_cpu.forward(input, weight, bias, chunk_size, eps)
+        out, save_mean, save_invstd, unbiased = _cpu_kernels.forward(input, weight, bias, chunk_size, eps)
     else:
         out, save_mean, save_invstd, unbiased = _forward_views(input, weight, bias, ghost_batch_size, eps)
     state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
@@ -281,7 +263,7 @@ def ghost_batch_norm_backward(
     """
     if _uses_fused_cpu(input):
         chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-        grad_input, sum_dy, sum_dy_xmu = _ghost_cpu.backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
+        grad_input, sum_dy, sum_dy_xmu = _cpu_kernels.backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
     else:
         grad_input, sum_dy, sum_dy_xmu = _backward_views(
             grad_out, input, weight, save_mean, save_invstd, ghost_batch_size

@@ -19,15 +19,15 @@ op = torch.ops.bnfx.ghost_batch_norm
 def kernel(request, monkeypatch):
     """Run a test on the C++ CPU kernel and on the PyTorch kernel every other device uses."""
     if request.param == "views":
-        monkeypatch.setattr(op_module, "_ghost_cpu", None)
+        monkeypatch.setattr(op_module, "_cpu_kernels", None)
     return request.param
 
 
 def test_fused_cpu_kernel_is_built():
     # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
-    assert op_module._ghost_cpu is not None
+    assert op_module._cpu_kernels is not None
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert op_module._ghost_cpu.__name__ == "bnfx.ops._ghost_cpu_avx2"
+        assert op_module._cpu_kernels.__name__ == "bnfx.ops._cpu_kernels_avx2"
 
 
 def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):
@@ -175,12 +175,12 @@ def test_property_matches_chunk_loop(batch, g, channels, spatial, momentum, fuse
     mean, var, tracked = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64), torch.tensor(4)
     ref_state = [mean.clone(), var.clone(), tracked.clone()]
     ref = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
-    original = op_module._ghost_cpu
+    original = op_module._cpu_kernels
     try:
-        op_module._ghost_cpu = original if fused else None
+        op_module._cpu_kernels = original if fused else None
         out, new_mean, new_var, new_tracked, *_ = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
     finally:
-        op_module._ghost_cpu = original
+        op_module._cpu_kernels = original
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(new_mean, ref_state[0])
     torch.testing.assert_close(new_var, ref_state[1])

@@ -1,4 +1,5 @@
-// CPU kernels of bnfx::ghost_batch_norm for contiguous float/double input [B, C, S]
+// CPU kernels of bnfx::ghost_batch_norm, and the local statistics of bnfx::sync_batch_norm,
+// for contiguous float/double input [B, C, S]
 // (S = product of the spatial sizes, 1 for [B, C] input). Chunk j holds samples
 // [j * chunk_size, min(B, (j + 1) * chunk_size)). Each (chunk, channel) is reduced and
 // normalized while its values are still in cache: the fused loop torch's own batch-norm
@@ -207,6 +208,46 @@ void backward_impl(const Layout& l, const T* dy, const T* x, const T* w, const a
   });
 }
 
+// Per-channel mean and sum of squared deviations from it, in double, two passes over each
+// channel (the second while it is still in cache): the local half of bnfx::sync_batch_norm's
+// statistics, combined across processes in Python.
+template <typename T>
+void moments_impl(const Layout& l, const T* x, double* mean, double* m2) {
+  const int64_t C = l.channels, S = l.spatial;
+  const double n = double(l.batch) * S;
+  at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double sum = 0, squares = 0;
+      for (int64_t r = 0; r < l.batch; ++r) sum += row_sum(x + (r * C + c) * S, S);
+      const double m = sum / n;
+      for (int64_t r = 0; r < l.batch; ++r) squares += row_centered_squares(x + (r * C + c) * S, S, at::opmath_type<T>(m));
+      mean[c] = m;
+      m2[c] = squares;
+    }
+  });
+}
+
+template <typename T>
+void moments_rows(const Layout& l, const T* x, double* mean, double* m2) {
+  const int64_t C = l.channels;
+  for (int64_t r = 0; r < l.batch; ++r) add_row(mean, x + r * C, C);
+  for (int64_t c = 0; c < C; ++c) mean[c] /= double(l.batch);
+  for (int64_t r = 0; r < l.batch; ++r) add_centered_squares(m2, x + r * C, mean, C);
+}
+
+// Returns (mean, m2), [C] in double; zeros for an empty batch.
+std::vector<at::Tensor> moments(const at::Tensor& input) {
+  auto mean = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
+  auto m2 = at::zeros_like(mean);
+  if (input.size(0) == 0) return {mean, m2};
+  const Layout l = layout_of(input, input.size(0));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_moments", [&] {
+    auto run = l.spatial == 1 ? moments_rows<scalar_t> : moments_impl<scalar_t>;
+    run(l, input.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(), m2.mutable_data_ptr<double>());
+  });
+  return {mean, m2};
+}
+
 // Returns (out, mean, invstd, unbiased_var), statistics [nchunks, C] in the math type.
 std::vector<at::Tensor> forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t chunk_size, double eps) {
@@ -256,4 +297,5 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
   m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
+  m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
 }

@@ -1,0 +1,72 @@
+"""Graph surgery shared by the passes: what they cannot rewrite, and how a site is replaced."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import fx
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from bnfx.passes.sites import BatchNormSite
+
+
+def unsupported(site: BatchNormSite) -> str | None:
+    """Why ``site`` cannot be rewritten into a batch-statistics op, or None when it can."""
+    if site.form == "call_module":
+        forward = type(site.module).forward
+        if forward is not _BatchNorm.forward:
+            return f"{type(site.module).__name__} has its own forward"
+        if isinstance(site.module, LazyModuleMixin) and site.module.has_uninitialized_params():
+            return "lazy module not initialized yet"
+        return None
+    if site.training is False:
+        return "eval mode: normalizes with running statistics"
+    if site.training is not True:
+        return "training flag is computed in the graph"
+    if isinstance(site.momentum, fx.Node):
+        return "momentum is computed in the graph"
+    if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
+        return "momentum=None without a num_batches_tracked buffer"
+    return None
+
+
+def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> None:
+    """``module(x)`` -> ``fn(module, x, *extra)``; the module stays in place (state_dict unchanged)."""
+    graph, node = gm.graph, site.node
+    with graph.inserting_before(node):
+        module = graph.get_attr(node.target)
+        new = graph.create_node("call_function", fn, (module, site.input, *extra), name=name)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailing: tuple[Any, ...], name: str) -> None:
+    """A functional site -> ``op(x, weight, bias, running_mean, running_var, tracked, *trailing)``.
+
+    ``op`` returns ``(out, new_running_mean, new_running_var, new_num_batches_tracked, ...)``;
+    the new state is written back with ``copy_``, and the op's count replaces Dynamo's
+    ``num_batches_tracked.add_(1)``.
+    """
+    graph, node = gm.graph, site.node
+    tracked = site.num_batches_tracked if site.running_mean is not None else None
+    with graph.inserting_before(node):
+        new = graph.create_node(
+            "call_function",
+            op,
+            (site.input, site.weight, site.bias, site.running_mean, site.running_var, tracked, *trailing),
+            name=name,
+        )
+        out = graph.call_function(operator.getitem, (new, 0))
+        for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
+            if state is not None:
+                new_state = graph.call_function(operator.getitem, (new, index))
+                graph.call_function(torch.ops.aten.copy_.default, (state, new_state))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    if tracked is not None and site.tracked_update is not None:
+        graph.erase_node(site.tracked_update)
