@@ -53,7 +53,13 @@ def sync_batch_norm(
     >>> y = sync_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
     ...                     num_batches_tracked=bn.num_batches_tracked)
     """
-    group_name = (group or dist.group.WORLD).group_name
+    return _sync_batch_norm(
+        input, running_mean, running_var, weight, bias, momentum, eps,
+        group_name=(group or dist.group.WORLD).group_name, num_batches_tracked=num_batches_tracked,
+    )
+
+
+def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked):
     out, *new_state = torch.ops.bnfx.sync_batch_norm(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
     )
@@ -81,8 +87,7 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
 def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -> Tensor:
     """What ``module(input)`` computes, with statistics over the process group ``group_name``
     wherever it uses batch statistics. Reads the train/eval flag at call time."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
-    return _batch_stats_module(module, input, sync_batch_norm, group=group)
+    return _batch_stats_module(module, input, _sync_batch_norm, group_name=group_name)
 
 
 def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:

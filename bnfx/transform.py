@@ -31,6 +31,11 @@ class _BatchNormLeafTracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` that keeps batch-norm subclasses as ``call_module`` sites."""
+    if isinstance(model, _BatchNorm):
+        raise TypeError(
+            f"model must contain its batch-norm modules, got a bare {type(model).__name__}; "
+            "wrap it, e.g. nn.Sequential(bn)"
+        )
     graph = _BatchNormLeafTracer().trace(model)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 

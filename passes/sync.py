@@ -19,10 +19,7 @@ _logged_fallbacks: set[str] = set()
 
 def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
     """Make every training-mode batch-norm site of ``gm`` compute statistics over the sync group."""
-    group, fallback = (None, "") if options.freeze else sync_group(options.sync, options.group_size)
-    if fallback and fallback not in _logged_fallbacks:
-        _logged_fallbacks.add(fallback)
-        log.warning("bnfx sync mode: %s", fallback)
+    group, fallback = sync_group(options.sync, options.group_size)
     sites = (match_site(gm, node) for node in list(gm.graph.nodes))
     for index, site in enumerate(site for site in sites if site is not None):
         if options.freeze and _has_running_stats(site):
@@ -32,6 +29,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
         reason = unsupported(site) or fallback
         if reason:
             report.left_alone(site, reason)
+            _log_fallback(fallback)
             continue
         name = f"sync_bn_{index}"
         if site.form == "call_module":
@@ -43,6 +41,13 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _log_fallback(fallback: str) -> None:
+    """Say once per process why sync mode runs plain batch norm."""
+    if fallback and fallback not in _logged_fallbacks:
+        _logged_fallbacks.add(fallback)
+        log.warning("bnfx sync mode: %s", fallback)
 
 
 def _has_running_stats(site: BatchNormSite) -> bool:

@@ -162,7 +162,7 @@ def sync_batch_norm_backward(
     averages them over ranks); empty when ``weight`` is None. One all-reduce of 2 C values.
     """
     if input.numel() == 0:  # torch's kernel divides by the batch size
-        sum_dy_xhat = sum_dy = save_mean.new_zeros(input.shape[1])
+        sum_dy_xhat, sum_dy = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
     else:
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             grad_out, input, weight, save_mean, save_var, None, None, False, eps, [False, True, True]
