@@ -186,3 +186,77 @@ def peer_dies(rank: int, world_size: int) -> dict[str, object]:
     except Exception as error:  # noqa: BLE001 - the point of the test
         return {"raised": type(error).__name__, "message": str(error)[:300], "seconds": time.monotonic() - start}
     return {"raised": None, "seconds": time.monotonic() - start}
+
+
+def _ddp_step_params(rank, world_size, sizes, door, steps=2):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    reference = ThreeBatchNorms()
+    model = copy.deepcopy(reference)
+    if door == "transform":
+        net = DDP(bnfx.transform(model, sync=True))
+    else:
+        net = torch.compile(DDP(model), backend="bnfx", options={"sync": True, "inner": "aot_eager"})
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mine = _rank_slice(sizes, rank)
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(10 + step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 5, 5, generator=generator)
+        weights = torch.randn(sum(sizes), 4, generator=generator)
+        # DDP averages gradients over ranks: scaling each rank's loss by the world size makes
+        # the average the gradient of the loss over the concatenated batch.
+        (reference(x_all) * weights).sum().backward()
+        ((net(x_all[mine]) * weights[mine]).sum() * world_size).backward()
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    for name, ref_value in list(reference.named_parameters()) + list(reference.named_buffers()):
+        value = dict(list(model.named_parameters()) + list(model.named_buffers()))[name]
+        torch.testing.assert_close(value, ref_value, **TOL, msg=lambda m: f"DDP via {door}: {name}\n{m}")
+
+
+def ddp(rank: int, world_size: int, door: str) -> None:
+    """Two SGD steps under DistributedDataParallel equal two steps on the concatenated batch."""
+    _ddp_step_params(rank, world_size, [5, 11], door)
+
+
+def block_groups(rank: int, world_size: int) -> dict[str, object]:
+    """group_size=2 on 4 ranks: statistics over ranks {0, 1} and {2, 3}, each its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(CHANNELS))
+    net = bnfx.transform(model, sync=True, group_size=2)
+    x_all = torch.randn(4, 3, CHANNELS, 4, 4, generator=torch.Generator().manual_seed(3))  # [rank, B, C, H, W]
+    out = net(x_all[rank])
+    block = x_all[(rank // 2) * 2 : (rank // 2) * 2 + 2].flatten(0, 1)
+    reference = nn.BatchNorm2d(CHANNELS)
+    expected = reference(block)[(rank % 2) * 3 : (rank % 2) * 3 + 3]
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(model[0].running_var, reference.running_var, **TOL)
+    return {"explain": [r.reason for r in bnfx.explain(nn.Sequential(nn.BatchNorm2d(CHANNELS)), group_size=2)]}
+
+
+def frozen(rank: int, world_size: int, door: str) -> dict[str, object]:
+    """freeze=True: running statistics normalize, nothing updates, no collective, no affine grads."""
+    torch.manual_seed(rank)
+    bn = _randomized(nn.BatchNorm2d(CHANNELS), seed=1)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    model = nn.Sequential(bn)
+    if door == "transform":
+        net = bnfx.transform(model, freeze=True)
+    else:
+        net = torch.compile(model, backend="bnfx", fullgraph=True, options={"freeze": True, "inner": "aot_eager"})
+    x = torch.randn(4, CHANNELS, 3, 3, requires_grad=True)
+    net(x).sum().backward()  # compile outside the count
+    x.grad = None
+    events = _gloo_events(lambda: net(x).square().sum().backward())
+    expected = nn.functional.batch_norm(
+        x.detach(), state["running_mean"], state["running_var"], state["weight"], state["bias"], False, 0.0, bn.eps
+    )
+    torch.testing.assert_close(net(x), expected, **TOL)
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=f"{key} changed")
+    assert x.grad is not None and x.grad.abs().sum() > 0, "input gets no gradient"
+    return {"gloo_events": events, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad}

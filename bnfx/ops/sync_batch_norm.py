@@ -88,8 +88,13 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
         factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1)
     else:
         factor = momentum
-    new_mean = torch.lerp(running_mean.double(), mean, factor).to(running_mean.dtype)
-    new_var = torch.lerp(running_var.double(), unbiased, factor).to(running_var.dtype)
+    new_mean = torch.lerp(running_mean.double(), mean, factor)
+    new_var = torch.lerp(running_var.double(), unbiased, factor)
+    # A group batch of 0 or 1 value per channel has no variance estimate (torch refuses such
+    # batches; refusing here would need the count on the host): the statistics stay.
+    estimable = total > 1
+    new_mean = torch.where(estimable, new_mean, running_mean).to(running_mean.dtype)
+    new_var = torch.where(estimable, new_var, running_var).to(running_var.dtype)
     return new_mean, new_var, new_tracked
 
 

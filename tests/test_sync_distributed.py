@@ -1,0 +1,49 @@
+"""Sync mode across gloo processes: conditioning, collectives, failures, DDP, groups, freeze."""
+
+import pytest
+
+import sync_workers
+from gloo_world import DEAD, run_world
+
+
+def test_running_var_survives_a_large_mean():
+    # 1e4 + 1e-2 randn over 2 ranks: the variance is 1e-12 of the mean's square
+    results = run_world(sync_workers.conditioning, 2)
+    for errors in results:
+        assert errors["bnfx"] < 1e-2, errors
+        # the same data through raw float32 sums: the reference can tell the difference
+        assert errors["raw_float32_sums"] > 1e-2, errors
+
+
+@pytest.mark.parametrize("door", sync_workers.DOORS)
+def test_one_collective_per_site_and_direction(door):
+    results = run_world(sync_workers.collective_counts, 2, door)
+    sites = 3
+    for counts in results:
+        assert counts == {"forward": sites, "step": 2 * sites}, counts
+
+
+def test_a_dead_peer_raises_instead_of_hanging():
+    results = run_world(sync_workers.peer_dies, 2, timeout=120, pg_timeout=10)
+    assert results[1] == DEAD
+    assert results[0]["raised"], results[0]
+    assert results[0]["seconds"] < 30, results[0]
+
+
+@pytest.mark.parametrize("door", sync_workers.DOORS)
+def test_distributed_data_parallel_trains_like_one_process(door):
+    run_world(sync_workers.ddp, 2, door)
+
+
+def test_group_size_syncs_consecutive_blocks():
+    results = run_world(sync_workers.block_groups, 4)
+    for result in results:
+        [detail] = result["explain"]
+        assert detail.startswith("2 ranks"), detail
+
+
+@pytest.mark.parametrize("door", sync_workers.DOORS)
+def test_freeze_uses_running_stats_without_collectives_or_affine_grads(door):
+    for result in run_world(sync_workers.frozen, 2, door):
+        assert result["gloo_events"] == 0
+        assert result["weight_grad"] is None and result["bias_grad"] is None
