@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-# (parent group name, group_size) -> this rank's block group, created once per process.
-_blocks: dict[tuple[str, int], dist.ProcessGroup] = {}
+# (parent group name, group_size or None) -> the communicator bnfx uses, created once per process.
+_communicators: dict[tuple[str, int | None], dist.ProcessGroup] = {}
 
 
 def sync_group(sync, group_size: int | None) -> tuple[dist.ProcessGroup | None, str]:
@@ -13,18 +13,18 @@ def sync_group(sync, group_size: int | None) -> tuple[dist.ProcessGroup | None, 
 
     Like torch's SyncBatchNorm, no initialized process group, or a group of one rank, means
     plain batch norm. ``group_size=k`` splits the group into consecutive blocks of k ranks
-    (apex's ``create_syncbn_process_group``); each rank creates only its own block's group.
+    (apex's ``create_syncbn_process_group``). The first call creates bnfx's own communicator
+    over this rank's block (only the block's ranks take part), so every rank of the block
+    must rewrite its model (``transform``, or the first compiled step) for it to complete.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None, "no initialized process group: plain batch norm"
     group = _named_group(sync)
     if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
         return None, "this rank is not in the sync group: plain batch norm"
-    if group_size is not None:
-        group = _block_group(group, group_size)
-    if group.size() == 1:
+    if (group_size or group.size()) == 1:
         return None, "sync group of 1 rank: plain batch norm"
-    return group, ""
+    return _communicator(group, group_size), ""
 
 
 def _named_group(sync) -> dist.ProcessGroup | None:
@@ -38,17 +38,23 @@ def _named_group(sync) -> dist.ProcessGroup | None:
         raise ValueError(f"sync={sync!r} names no process group of this process") from error
 
 
-def _block_group(group: dist.ProcessGroup, group_size: int) -> dist.ProcessGroup:
+def _communicator(group: dist.ProcessGroup, group_size: int | None) -> dist.ProcessGroup:
+    """A group of this rank's block of ``group`` (all of it without ``group_size``), for bnfx alone.
+
+    Its own communicator keeps the small, blocking batch-norm collectives from queueing behind
+    the large asynchronous ones that share the user's group (DDP's gradient buckets).
+    """
     key = (group.group_name, group_size)
-    if key in _blocks:
-        return _blocks[key]
+    if key in _communicators:
+        return _communicators[key]
     ranks = dist.get_process_group_ranks(group)
-    if len(ranks) % group_size:
+    size = group_size or len(ranks)
+    if len(ranks) % size:
         raise ValueError(
             f"group_size must divide the number of ranks in the sync group, got group_size={group_size} "
             f"for {len(ranks)} ranks"
         )
-    index = ranks.index(dist.get_rank()) // group_size
-    block = ranks[index * group_size : (index + 1) * group_size]
-    _blocks[key] = dist.new_group(block, use_local_synchronization=True, group_desc=f"bnfx_sync_block_{index}")
-    return _blocks[key]
+    index = ranks.index(dist.get_rank()) // size
+    block = ranks[index * size : (index + 1) * size]
+    _communicators[key] = dist.new_group(block, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}")
+    return _communicators[key]

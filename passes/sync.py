@@ -37,7 +37,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
             replace_functional_site(gm, site, op, (site.momentum, site.eps, group.group_name), name)
-        report.rewritten(site, "sync", f"{group.size()} ranks ({group.group_name})")
+        report.rewritten(site, "sync", f"over {group.size()} ranks")
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -174,12 +174,13 @@ def collective_counts(rank: int, world_size: int, door: str) -> dict[str, int]:
 
 
 def peer_dies(rank: int, world_size: int) -> dict[str, object]:
-    """Rank 1 exits before the first collective; rank 0 must raise, not hang."""
+    """Rank 1 exits after the rewrite, before the first collective; rank 0 must raise, not hang."""
+    net = bnfx.transform(nn.Sequential(nn.BatchNorm2d(CHANNELS)), sync=True)
+    dist.barrier()
     if rank == 1:
         import os
 
         os._exit(3)
-    net = bnfx.transform(nn.Sequential(nn.BatchNorm2d(CHANNELS)), sync=True)
     start = time.monotonic()
     try:
         net(torch.randn(4, CHANNELS, 2, 2))

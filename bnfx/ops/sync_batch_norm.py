@@ -5,8 +5,8 @@ uneven and empty batches included. The group travels by name (``group.group_name
 
 Statistics, one all-reduce of ``2 C + 1`` float64 values per forward:
 
-1. each rank computes its count n, mean m and sum of squared deviations M2 (two passes,
-   accumulated in float64 on CPU; Welford in the statistics dtype elsewhere);
+1. each rank computes its count n, mean m and sum of squared deviations M2 (in float64 on
+   CPU, C++; Welford in the statistics dtype elsewhere);
 2. it turns them into sums shifted by K, the running mean (identical on every rank, and
    close to the batch mean once training has started; 0 without running statistics):
    ``[n, n (m - K), M2 + n (m - K)^2]`` in float64;
@@ -19,7 +19,8 @@ zeros. The backward all-reduces ``[sum(dy), sum(dy * x_hat)]`` (2 C values) once
 
 Normalization and the backward's reductions run on torch's own fused batch-norm kernels
 (eval-mode forms, fed the global statistics), so channels_last, reduced precision and CUDA
-take the same path.
+take the same path; the input gradient is one C++ pass for contiguous fp32/fp64 CPU input,
+PyTorch ops otherwise.
 """
 
 from __future__ import annotations
@@ -175,15 +176,18 @@ def sync_batch_norm_backward(
     sums = torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
     dist.all_reduce(sums, group=_group(group_name))
     # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
-    # the group, written as dx = a dy + k x + c with per-channel a, k, c.
+    # the group, written as dx = a dy - k x + c with per-channel a, k, c.
     invstd = torch.rsqrt(save_var + eps)
     a = invstd if weight is None else invstd * weight
     mean_dy, mean_dy_xhat = sums / count.to(sums.dtype)
-    k = -a * invstd * mean_dy_xhat
-    c = -k * save_mean - a * mean_dy
-    view = (-1,) + (1,) * (input.dim() - 2)
-    grad_input = torch.addcmul(c.view(view), input, k.view(view)).addcmul_(grad_out, a.view(view))
-    grad_input = grad_input.to(input.dtype)
+    k = a * invstd * mean_dy_xhat
+    c = k * save_mean - a * mean_dy
+    if cpu_kernels.handles(_cpu_kernels, input) and grad_out.dtype == input.dtype:
+        grad_input = _cpu_kernels.affine_grad(grad_out, input, a, k, c)
+    else:
+        view = (-1,) + (1,) * (input.dim() - 2)
+        grad_input = torch.addcmul(c.view(view), input, k.view(view), value=-1).addcmul_(grad_out, a.view(view))
+        grad_input = grad_input.to(input.dtype)
     if weight is None:
         return grad_input, input.new_empty(0), input.new_empty(0)
     return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)

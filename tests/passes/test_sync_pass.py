@@ -60,7 +60,7 @@ def test_symbolic_trace_sites_rewritten(two_ranks):
     assert count(new, torch.batch_norm) == 1  # eval-mode literal stays
     report = bnfx.explain(gm, sync=True)
     assert [r.action for r in report] == ["sync", "sync", "left alone"]
-    assert report.records[0].reason == "2 ranks (fake)"
+    assert report.records[0].reason == "over 2 ranks"
 
 
 def test_dynamo_graph_rewrite_replaces_counter_update(two_ranks):

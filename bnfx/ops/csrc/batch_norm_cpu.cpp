@@ -208,21 +208,28 @@ void backward_impl(const Layout& l, const T* dy, const T* x, const T* w, const a
   });
 }
 
-// Per-channel mean and sum of squared deviations from it, in double, two passes over each
-// channel (the second while it is still in cache): the local half of bnfx::sync_batch_norm's
-// statistics, combined across processes in Python.
+// bnfx::sync_batch_norm's local work on contiguous input: the statistics each rank
+// contributes before the all-reduce, and the input gradient once the sums are global.
+
+// Per-channel mean and sum of squared deviations, in double, in one pass over memory: each
+// spatial row is reduced twice while in cache, and rows are merged with Chan's formula.
 template <typename T>
 void moments_impl(const Layout& l, const T* x, double* mean, double* m2) {
   const int64_t C = l.channels, S = l.spatial;
-  const double n = double(l.batch) * S;
   at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      double sum = 0, squares = 0;
-      for (int64_t r = 0; r < l.batch; ++r) sum += row_sum(x + (r * C + c) * S, S);
-      const double m = sum / n;
-      for (int64_t r = 0; r < l.batch; ++r) squares += row_centered_squares(x + (r * C + c) * S, S, at::opmath_type<T>(m));
+      double n = 0, m = 0, q = 0;
+      for (int64_t r = 0; r < l.batch; ++r) {
+        const T* row = x + (r * C + c) * S;
+        const double row_mean = row_sum(row, S) / S;
+        const double row_m2 = row_centered_squares(row, S, at::opmath_type<T>(row_mean));
+        const double delta = row_mean - m, total = n + S;
+        m += delta * S / total;
+        q += row_m2 + delta * delta * n * S / total;
+        n = total;
+      }
       mean[c] = m;
-      m2[c] = squares;
+      m2[c] = q;
     }
   });
 }
@@ -246,6 +253,40 @@ std::vector<at::Tensor> moments(const at::Tensor& input) {
     run(l, input.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(), m2.mutable_data_ptr<double>());
   });
   return {mean, m2};
+}
+
+// grad_input = a dy - k x + c0 with per-channel coefficients [C] (in double), one pass.
+at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a, const at::Tensor& k,
+                       const at::Tensor& c0) {
+  auto dx = at::empty_like(input);
+  if (input.numel() == 0) return dx;
+  const Layout l = layout_of(input, input.size(0));
+  auto dy = grad_out.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_affine_grad", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    auto fa = a.to(acc).contiguous(), fk = k.to(acc).contiguous(), fc = c0.to(acc).contiguous();
+    const A *pa = fa.const_data_ptr<A>(), *pk = fk.const_data_ptr<A>(), *pc = fc.const_data_ptr<A>();
+    const scalar_t *g = dy.const_data_ptr<scalar_t>(), *x = input.const_data_ptr<scalar_t>();
+    scalar_t* d = dx.mutable_data_ptr<scalar_t>();
+    const int64_t C = l.channels, S = l.spatial;
+    if (S == 1) {
+      at::parallel_for(0, l.batch, 1, [&](int64_t first, int64_t last) {
+        for (int64_t r = first; r < last; ++r) grad_row(d + r * C, g + r * C, x + r * C, pa, pk, pc, C);
+      });
+      return;
+    }
+    at::parallel_for(0, l.batch * C, 1, [&](int64_t first, int64_t last) {
+      for (int64_t row = first; row < last; ++row) {
+        const int64_t c = row % C;
+        const A a_c = pa[c], k_c = pk[c], c_c = pc[c];
+        const scalar_t *gr = g + row * S, *xr = x + row * S;
+        scalar_t* dr = d + row * S;
+        for (int64_t i = 0; i < S; ++i) dr[i] = scalar_t(a_c * gr[i] - k_c * xr[i] + c_c);
+      }
+    });
+  });
+  return dx;
 }
 
 // Returns (out, mean, invstd, unbiased_var), statistics [nchunks, C] in the math type.
@@ -298,4 +339,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
   m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
   m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
+  m.def("affine_grad", &affine_grad, "a dy - k x + c0 with per-channel coefficients, contiguous CPU input");
 }
