@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 

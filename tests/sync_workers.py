@@ -261,3 +261,20 @@ def frozen(rank: int, world_size: int, door: str) -> dict[str, object]:
         torch.testing.assert_close(value, state[key], msg=f"{key} changed")
     assert x.grad is not None and x.grad.abs().sum() > 0, "input gets no gradient"
     return {"gloo_events": events, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad}
+
+
+def inductor_step(rank: int, world_size: int) -> None:
+    """One step through torch.compile's default inner compiler (inductor), ranks of 4 and 6 samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfx", options={"sync": True}, fullgraph=True)
+    x_all = torch.randn(10, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(1))
+    mine = _rank_slice([4, 6], rank)
+    out = compiled(x_all[mine])
+    out.square().sum().backward()
+    out_ref = reference(x_all)
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(out, out_ref[mine], **TOL)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, **TOL)
+    torch.testing.assert_close(_sum_over_ranks(model[0].weight.grad), reference[0].weight.grad, **TOL)

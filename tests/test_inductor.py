@@ -1,10 +1,13 @@
-"""The default inner compiler: inductor fuses the decomposed ghost ops; numbers stay Composer's."""
+"""The default inner compiler, inductor: it fuses the decomposed ghost ops (numbers stay
+Composer's) and calls the sync op, with its collectives, as an external kernel."""
 
 import torch
 from torch import nn
 
-import bnfx
+import bnfx  # noqa: F401  (registers torch.ops.bnfx)
+import sync_workers
 from composer_reference import composer_model
+from gloo_world import run_world
 
 
 def test_inductor_matches_composer_with_changing_batch_sizes():
@@ -26,3 +29,7 @@ def test_inductor_matches_composer_with_changing_batch_sizes():
     for key, value in reference[1].batchnorm.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
     assert state["num_batches_tracked"].item() == 5 + 4 + 3
+
+
+def test_inductor_sync_on_two_gloo_processes():
+    run_world(sync_workers.inductor_step, 2, timeout=400)

@@ -1,6 +1,5 @@
 """torchvision ResNets under torch.compile(backend="bnfx", fullgraph=True): every site, same steps."""
 
-import copy
 
 import pytest
 import torch

@@ -128,6 +128,7 @@ def sync_batch_norm(
     mean, var, total = _global_moments(input, shift, _group(group_name))
     state = _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum)
     save_mean, save_var = mean.to(_stat_dtype(input)), var.to(_stat_dtype(input))
+    weight, bias = (None if p is None else p.to(save_mean.dtype) for p in (weight, bias))
     out = torch.ops.aten._native_batch_norm_legit_no_training(input, weight, bias, save_mean, save_var, 0.0, eps)[0]
     return (out, *state, save_mean, save_var, total)
 
@@ -170,15 +171,17 @@ def sync_batch_norm_backward(
     if input.numel() == 0:  # torch's kernel divides by the batch size
         sum_dy_xhat, sum_dy = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
     else:
+        # torch's mixed-precision kernels take fp16/bf16 input with fp32 parameters
+        stat_weight = None if weight is None else weight.to(save_mean.dtype)
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, input, weight, save_mean, save_var, None, None, False, eps, [False, True, True]
+            grad_out, input, stat_weight, save_mean, save_var, None, None, False, eps, [False, True, True]
         )
     sums = torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
     dist.all_reduce(sums, group=_group(group_name))
     # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
     # the group, written as dx = a dy - k x + c with per-channel a, k, c.
     invstd = torch.rsqrt(save_var + eps)
-    a = invstd if weight is None else invstd * weight
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
     mean_dy, mean_dy_xhat = sums / count.to(sums.dtype)
     k = a * invstd * mean_dy_xhat
     c = k * save_mean - a * mean_dy

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
@@ -111,3 +112,22 @@ def test_errors(group_name):
         op(torch.randn(5), None, None, None, None, None, 0.1, 1e-5, group_name)
     with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
         op(torch.randn(4, 3), None, None, torch.zeros(3), torch.ones(3), None, None, 1e-5, group_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_in_low_precision(group_name, dtype):
+    # model.to(dtype): input, parameters and running statistics all in low precision
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).to(dtype)
+    x = (torch.randn(4, 3, 5, 5) * 2 + 1).to(dtype).requires_grad_()
+    out, new_mean, new_var, *_ = op(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                                    0.1, 1e-5, group_name)
+    out.sum().backward()
+    x_ref = x.detach().float().requires_grad_()
+    stats = [bn.running_mean.float(), bn.running_var.float()]
+    ref = F.batch_norm(x_ref, *stats, bn.weight.float(), bn.bias.float(), True, 0.1, 1e-5)
+    ref.sum().backward()
+    assert out.dtype == new_mean.dtype == x.grad.dtype == bn.weight.grad.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(new_var.float(), stats[1], rtol=2e-2, atol=2e-2)

@@ -2,7 +2,6 @@
 
 import operator
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -11,30 +10,13 @@ import bnfx
 from bnfx.functional import ghost_batch_norm_module
 from bnfx.options import resolve_options
 from bnfx.passes import find_sites, run_passes
+from graph_counts import ThreeForms, count
 
 GHOST_OP = torch.ops.bnfx.ghost_batch_norm.default
 
 
-def count(gm: fx.GraphModule, target) -> int:
-    return sum(n.target == target for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.register_buffer("mean", torch.zeros(4))
-        self.register_buffer("var", torch.ones(4))
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        y = F.batch_norm(y, self.mean, self.var, None, None, True, 0.1, 1e-5)
-        return torch.batch_norm(y, None, None, self.mean, self.var, False, 0.1, 1e-5, False)
-
-
 def test_symbolic_trace_sites_and_rewrite():
-    gm = fx.symbolic_trace(Net())
+    gm = fx.symbolic_trace(ThreeForms())
     forms = [s.form for s in find_sites(gm)]
     assert forms == ["call_module", "F.batch_norm", "torch.batch_norm"]
 
@@ -114,7 +96,7 @@ def test_subclass_without_forward_is_rewritten():
 
 
 def test_run_passes_reports_counts():
-    gm = fx.symbolic_trace(Net())
+    gm = fx.symbolic_trace(ThreeForms())
     report = run_passes(gm, resolve_options({"ghost_batch_size": 2}))
     assert (report.found, report.rewritten_count) == (3, 2)
     assert sum(n.target is operator.getitem for n in gm.graph.nodes) >= 1

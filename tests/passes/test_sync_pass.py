@@ -11,27 +11,10 @@ from torch import fx, nn
 import bnfx
 from bnfx.functional import frozen_batch_norm_module, sync_batch_norm_module
 from bnfx.passes import sync as sync_pass
+from graph_counts import ThreeForms, count
 from world_of_one import world_of_one
 
 SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
-
-
-def count(gm: fx.GraphModule, target) -> int:
-    return sum(n.target == target for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.register_buffer("mean", torch.zeros(4))
-        self.register_buffer("var", torch.ones(4))
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        y = F.batch_norm(y, self.mean, self.var, None, None, True, 0.1, 1e-5)
-        return torch.batch_norm(y, None, None, self.mean, self.var, False, 0.1, 1e-5, False)
 
 
 @pytest.fixture
@@ -53,7 +36,7 @@ def capture_graph(model, x, **options):
 
 
 def test_symbolic_trace_sites_rewritten(two_ranks):
-    gm = fx.symbolic_trace(Net())
+    gm = fx.symbolic_trace(ThreeForms())
     new = bnfx.transform(gm, sync=True)
     assert count(new, sync_batch_norm_module) == 1 and count(new, "bn") == 0
     assert count(new, SYNC_OP) == 1 and count(new, F.batch_norm) == 0
@@ -110,7 +93,7 @@ def test_bad_group_options_name_the_value():
 
 
 def test_freeze_rewrites_module_and_functional_sites():
-    model = Net()
+    model = ThreeForms()
     gm = bnfx.transform(fx.symbolic_trace(model), freeze=True)
     assert count(gm, frozen_batch_norm_module) == 1
     # the functional training site becomes an eval-mode F.batch_norm; the eval one too
