@@ -51,7 +51,7 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
 
     if ghost is not None and (isinstance(ghost, bool) or not isinstance(ghost, int) or ghost < 1):
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost!r}")
-    if sync is not None and not isinstance(sync, (bool, str, dist.ProcessGroup)):
+    if sync is not None and not (isinstance(sync, (bool, str, dist.ProcessGroup)) or _not_a_member(sync)):
         raise TypeError(f"sync must be a bool, a ProcessGroup or a process group name, got {sync!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -77,3 +77,8 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
             raise ValueError("freeze applies to sync mode only, got freeze=True in ghost mode")
         return Options("ghost", ghost_batch_size=ghost or DEFAULT_GHOST_BATCH_SIZE, inner=inner)
     return Options("sync", sync=True if sync is None else sync, group_size=group_size, freeze=freeze, inner=inner)
+
+
+def _not_a_member(sync) -> bool:
+    """What ``dist.new_group`` returns on ranks outside the new group."""
+    return dist.is_available() and type(sync) is int and sync == dist.GroupMember.NON_GROUP_MEMBER

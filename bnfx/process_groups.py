@@ -19,15 +19,15 @@ def sync_group(sync, group_size: int | None) -> tuple[dist.ProcessGroup | None, 
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None, "no initialized process group: plain batch norm"
-    group = _named_group(sync)
-    if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
+    if type(sync) is int and sync == dist.GroupMember.NON_GROUP_MEMBER:  # new_group() off its ranks
         return None, "this rank is not in the sync group: plain batch norm"
+    group = _named_group(sync)
     if (group_size or group.size()) == 1:
         return None, "sync group of 1 rank: plain batch norm"
     return _communicator(group, group_size), ""
 
 
-def _named_group(sync) -> dist.ProcessGroup | None:
+def _named_group(sync) -> dist.ProcessGroup:
     if sync is True:
         return dist.group.WORLD
     if isinstance(sync, dist.ProcessGroup):

@@ -278,3 +278,23 @@ def inductor_step(rank: int, world_size: int) -> None:
     torch.testing.assert_close(out, out_ref[mine], **TOL)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var, **TOL)
     torch.testing.assert_close(_sum_over_ranks(model[0].weight.grad), reference[0].weight.grad, **TOL)
+
+
+def named_groups(rank: int, world_size: int) -> dict[str, object]:
+    """sync=ProcessGroup and sync=<its name> over ranks {0, 2} of 3; rank 1 gets plain batch norm."""
+    pair = dist.new_group([0, 2])  # every rank calls new_group; rank 1 receives NON_GROUP_MEMBER
+    x_all = torch.randn(3, 4, CHANNELS, 3, generator=torch.Generator().manual_seed(5))  # [rank, B, C, L]
+    outcomes = {}
+    for how in ("group", "name"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.BatchNorm1d(CHANNELS))
+        sync = pair if how == "group" or rank == 1 else pair.group_name
+        net = bnfx.transform(model, sync=sync)
+        out = net(x_all[rank])
+        reference = nn.BatchNorm1d(CHANNELS)
+        batch = x_all[rank] if rank == 1 else x_all[[0, 2]].flatten(0, 1)
+        expected = reference(batch)[: 4] if rank in (0, 1) else reference(batch)[4:]
+        torch.testing.assert_close(out, expected, **TOL, msg=lambda m: f"sync={how}: {m}")
+        torch.testing.assert_close(model[0].running_var, reference.running_var, **TOL)
+        outcomes[how] = bnfx.explain(nn.Sequential(nn.BatchNorm1d(CHANNELS)), sync=sync).records[0].reason
+    return outcomes

@@ -47,3 +47,11 @@ def test_freeze_uses_running_stats_without_collectives_or_affine_grads(door):
     for result in run_world(sync_workers.frozen, 2, door):
         assert result["gloo_events"] == 0
         assert result["weight_grad"] is None and result["bias_grad"] is None
+
+
+def test_sync_over_a_subgroup_by_object_and_by_name():
+    results = run_world(sync_workers.named_groups, 3)
+    for rank in (0, 2):
+        assert results[rank] == {"group": "over 2 ranks", "name": "over 2 ranks"}
+    reason = "this rank is not in the sync group: plain batch norm"
+    assert results[1] == {"group": reason, "name": reason}
