@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnfx.ops import cpu_kernels
+from bnfx.ops.autograd_outputs import batch_norm_input_grads
 
 _cpu_kernels = cpu_kernels.load()
 
@@ -218,11 +219,7 @@ def _backward(ctx, grad_out, *_state_grads):
     grad_input, grad_weight, grad_bias = torch.ops.bnfx.sync_batch_norm_backward(
         grad_out, input, weight, save_mean, save_var, count, ctx.eps, ctx.group_name
     )
-    if weight is None:
-        grad_weight = grad_bias = None
-    elif not ctx.has_bias:
-        grad_bias = None
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+    return batch_norm_input_grads(grad_input, grad_weight, grad_bias, weight, ctx.has_bias, other_inputs=6)
 
 
 sync_batch_norm.register_autograd(_backward, setup_context=_setup_context)
