@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfx.export import transform_exported
 from bnfx.options import resolve_options
 from bnfx.passes import Report, run_passes
 
@@ -15,8 +16,6 @@ from bnfx.passes import Report, run_passes
 def _graph_module(model) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
-    if isinstance(model, torch.export.ExportedProgram):
-        raise NotImplementedError("bnfx.transform of an ExportedProgram is not available yet")
     if isinstance(model, nn.Module):
         return trace(model)
     raise TypeError(f"model must be a torch.fx.GraphModule or an nn.Module, got {type(model).__name__}")
@@ -40,8 +39,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
-def _rewritten_copy(model, options: dict) -> tuple[fx.GraphModule, Report]:
+def _rewritten_copy(model, options: dict):
     opts = resolve_options(options)
+    if isinstance(model, torch.export.ExportedProgram):
+        return transform_exported(model, opts)
     gm = _graph_module(model)
     # A new graph over the same submodules: the input graph is untouched, while parameters
     # and buffers stay shared, so training the result updates the user's model.
@@ -50,13 +51,16 @@ def _rewritten_copy(model, options: dict) -> tuple[fx.GraphModule, Report]:
     return new, report
 
 
-def transform(model, **options) -> fx.GraphModule:
-    """Return a GraphModule whose batch-norm sites compute ghost (or sync) batch norm.
+def transform(model, **options):
+    """Return ``model`` with its batch-norm sites computing ghost (or sync) batch norm.
 
     ``model`` is a GraphModule (``torch.fx.symbolic_trace(model)``) or an nn.Module, which is
-    traced first with ``bnfx.trace``. It is not modified; the result shares its parameters and buffers.
+    traced first with ``bnfx.trace``; the result is a GraphModule sharing its parameters and
+    buffers. Or ``model`` is a ``torch.export.ExportedProgram`` (training or decomposed IR);
+    the result is a new ExportedProgram. The input is not modified.
 
     >>> gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
+    >>> ep = bnfx.transform(torch.export.export(model, (x,)), ghost_batch_size=32)
     """
     return _rewritten_copy(model, options)[0]
 

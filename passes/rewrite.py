@@ -10,7 +10,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from bnfx.passes.sites import BatchNormSite
+from bnfx.passes.sites import FUNCTIONAL_STATE_FORMS, BatchNormSite
 
 
 def unsupported(site: BatchNormSite) -> str | None:
@@ -30,7 +30,13 @@ def unsupported(site: BatchNormSite) -> str | None:
         return "momentum is computed in the graph"
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
         return "momentum=None without a num_batches_tracked buffer"
+    if site.form in FUNCTIONAL_STATE_FORMS and any(_index(user) in (1, 2) for user in site.node.users):
+        return "the graph uses batch norm's saved statistics"
     return None
+
+
+def _index(user: fx.Node):
+    return user.args[1] if user.target is operator.getitem else None
 
 
 def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> None:
@@ -61,12 +67,36 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
             name=name,
         )
         out = graph.call_function(operator.getitem, (new, 0))
+        writes_back = site.form not in FUNCTIONAL_STATE_FORMS  # there the graph returns the new state
         for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
-            if state is not None:
+            if state is not None and writes_back:
                 new_state = graph.call_function(operator.getitem, (new, index))
                 graph.call_function(torch.ops.aten.copy_.default, (state, new_state))
+    if site.form in FUNCTIONAL_STATE_FORMS:
+        _reroute_state_outputs(graph, site, new, out)
+        return
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     if tracked is not None and site.tracked_update is not None:
         graph.erase_node(site.tracked_update)
+
+
+def _reroute_state_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx.Node) -> None:
+    """Decomposed export: the site's outputs 0, 3, 4 and the counter's ``add`` come from ``new``."""
+    node = site.node
+    for user in list(node.users):
+        index = _index(user)
+        with graph.inserting_after(new):
+            replacement = out if index == 0 else graph.call_function(operator.getitem, (new, index - 2))
+        replacement.meta = dict(user.meta)
+        user.replace_all_uses_with(replacement)
+        graph.erase_node(user)
+    graph.erase_node(node)
+    update = site.tracked_update
+    if update is not None and update.target is torch.ops.aten.add.Tensor:
+        with graph.inserting_after(new):
+            new_tracked = graph.call_function(operator.getitem, (new, 3))
+        new_tracked.meta = dict(update.meta)
+        update.replace_all_uses_with(new_tracked)
+        graph.erase_node(update)

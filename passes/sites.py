@@ -17,7 +17,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 _ATEN_ORDER_FORMS = {
     torch.batch_norm: "torch.batch_norm",
     torch.ops.aten.batch_norm.default: "aten.batch_norm",
+    # torch.export after run_decompositions(): returns (out, save_mean, save_rstd,
+    # new_running_mean, new_running_var) and leaves the buffers alone
+    torch.ops.aten._native_batch_norm_legit_functional.default: "aten._native_batch_norm_legit_functional",
 }
+FUNCTIONAL_STATE_FORMS = ("aten._native_batch_norm_legit_functional",)
 _FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -26,7 +30,7 @@ class BatchNormSite:
     """One batch-norm call, its arguments normalized across IR forms."""
 
     node: fx.Node
-    form: str  # "call_module", "F.batch_norm", "torch.batch_norm", "aten.batch_norm"
+    form: str  # "call_module", "F.batch_norm", "torch.batch_norm", "aten.batch_norm", "aten._native_..."
     name: str  # the module path where known, else the node name
     input: fx.Node
     momentum: Any  # float, None, or an fx.Node computed in the graph
@@ -38,7 +42,9 @@ class BatchNormSite:
     running_mean: Any = None
     running_var: Any = None
     num_batches_tracked: fx.Node | None = None
-    tracked_update: fx.Node | None = None  # `num_batches_tracked.add_(1)` Dynamo puts before the call
+    # `num_batches_tracked.add_(1)` before the call (Dynamo, export), or `add(num_batches_tracked, 1)`
+    # whose result is the new counter (decomposed export)
+    tracked_update: fx.Node | None = None
 
 
 def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
@@ -63,6 +69,10 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
             gm, node, "F.batch_norm", a["input"], a["weight"], a["bias"], a["running_mean"],
             a["running_var"], a["training"], a["momentum"], a["eps"],
         )
+    if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:  # decomposed eval
+        x, weight, bias, mean, var, momentum, eps = node.args[:7]
+        form = "aten._native_batch_norm_legit_no_training"
+        return _functional_site(gm, node, form, x, weight, bias, mean, var, False, momentum, eps)
     form = _ATEN_ORDER_FORMS.get(node.target)
     if form is not None:
         x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
@@ -103,11 +113,13 @@ def _tracked_update(tracked: fx.Node | None, site: fx.Node) -> fx.Node | None:
     if tracked is None:
         return None
     for user in tracked.users:
-        is_add = (user.op == "call_method" and user.target == "add_") or user.target in (
+        in_place = (user.op == "call_method" and user.target == "add_") or user.target in (
             torch.Tensor.add_,
             torch.ops.aten.add_.Tensor,
         )
-        if is_add and user.args[0] is tracked and not user.users:
+        if in_place and user.args[0] is tracked and not user.users:
+            return user
+        if user.target is torch.ops.aten.add.Tensor and user.args[:2] == (tracked, 1):
             return user
     return None
 

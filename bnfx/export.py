@@ -1,0 +1,77 @@
+"""The passes on ``torch.export`` programs: a rewritten ExportedProgram with a valid signature."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, TensorArgument
+
+from bnfx.passes import Report, run_passes
+
+
+def transform_exported(ep: ExportedProgram, options) -> tuple[ExportedProgram, Report]:
+    """``ep`` with its batch-norm sites rewritten; ``ep`` itself is not modified.
+
+    Both IRs: the training IR (``aten.batch_norm``, buffers updated in place, where the
+    rewrite writes the new state back with ``copy_``) and the decomposed IR
+    (``aten._native_batch_norm_legit_functional``, whose new state the program returns as
+    BUFFER_MUTATION outputs, now taken from the bnfx op).
+    """
+    gm = copy.deepcopy(ep.graph_module)
+    report = run_passes(gm, options)
+    _fill_fake_values(gm)
+    signature = _renamed(ep.graph_signature, gm)
+    rewritten = ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=signature,
+        state_dict=ep.state_dict,
+        range_constraints=ep.range_constraints,
+        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs,
+        constants=ep.constants,
+        verifiers=ep.verifiers,
+    )
+    return rewritten, report
+
+
+def _fill_fake_values(gm: fx.GraphModule) -> None:
+    """``meta["val"]`` for the nodes the passes added, from the ops' fake kernels."""
+    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
+
+    def value(arg):
+        return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+    with fake_mode:
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or "val" in node.meta:
+                continue
+            args = fx.node.map_arg(node.args, value)
+            kwargs = fx.node.map_arg(node.kwargs, value)
+            if node.target is operator.getitem:
+                node.meta["val"] = args[0][args[1]]
+            else:
+                node.meta["val"] = node.target(*args, **kwargs)
+
+
+def _renamed(signature: ExportGraphSignature, gm: fx.GraphModule) -> ExportGraphSignature:
+    """The signature naming the graph's nodes as they are now: copying a graph renames
+    placeholders that shadow builtins (``input``), and rewrites replace returned nodes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    returned = gm.graph.output_node().args[0]
+    return ExportGraphSignature(
+        input_specs=[_named(spec, node) for spec, node in zip(signature.input_specs, placeholders)],
+        output_specs=[_named(spec, node) for spec, node in zip(signature.output_specs, returned)],
+    )
+
+
+def _named(spec, node):
+    if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
+        return dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+    return spec

@@ -1,0 +1,83 @@
+"""torch.export programs: rewritten in both IRs, saved, loaded in a fresh process and run."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+
+import bnfx
+from graph_counts import count
+
+GHOST_OP = torch.ops.bnfx.ghost_batch_norm.default
+
+# Runs in a fresh interpreter: bnfx must be imported before torch.export.load.
+LOAD_AND_RUN = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import bnfx  # registers torch.ops.bnfx.* for the deserializer
+
+    program, data = sys.argv[1], sys.argv[2]
+    expected = torch.load(data)
+    module = torch.export.load(program).module()
+    out = module(expected["x"])
+    torch.testing.assert_close(out, expected["out"], rtol=1e-4, atol=1e-5)
+    state = module.state_dict()
+    for key, value in expected["state"].items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    print("ok")
+    """
+)
+
+
+def exported(model, x, decomposed):
+    ep = torch.export.export(model, (x,))
+    return ep.run_decompositions() if decomposed else ep
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
+def test_resnet18_round_trip_in_a_fresh_process(tmp_path, decomposed, training):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train(training)
+    x = torch.randn(24, 3, 32, 32)
+    ep = exported(copy.deepcopy(model), x, decomposed)
+    rewritten = bnfx.transform(ep, ghost_batch_size=16)
+    assert count(rewritten.graph_module, GHOST_OP) == (20 if training else 0)
+    assert count(ep.graph_module, GHOST_OP) == 0  # the input program is untouched
+
+    # the reference: the eager rewrite of the same model, one call, then its state
+    reference = copy.deepcopy(model)
+    out = bnfx.transform(reference, ghost_batch_size=16)(x)
+    state = {k: v for k, v in reference.state_dict().items() if "running" in k or "num_batches" in k}
+
+    # saved before it runs (running it updates the program's buffers): a fresh process must
+    # take the same step from the same state
+    program = tmp_path / "model.pt2"
+    torch.export.save(rewritten, program)
+    torch.save({"x": x, "out": out, "state": state}, tmp_path / "expected.pt")
+
+    module = rewritten.module()
+    torch.testing.assert_close(module(x), out, rtol=1e-4, atol=1e-5)
+    for key, value in state.items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, str(program), str(tmp_path / "expected.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_explain_lists_every_site_of_both_irs():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    x = torch.randn(8, 3, 6, 6)
+    for decomposed in (False, True):
+        for training in (True, False):
+            ep = exported(copy.deepcopy(model).train(training), x, decomposed)
+            [record] = bnfx.explain(ep, ghost_batch_size=4).records
+            assert record.name == "1"
+            assert record.action == ("ghost" if training else "left alone"), record
