@@ -298,3 +298,20 @@ def named_groups(rank: int, world_size: int) -> dict[str, object]:
         torch.testing.assert_close(model[0].running_var, reference.running_var, **TOL)
         outcomes[how] = bnfx.explain(nn.Sequential(nn.BatchNorm1d(CHANNELS)), sync=sync).records[0].reason
     return outcomes
+
+
+def exported_sync(rank: int, world_size: int, decomposed: bool) -> None:
+    """A torch.export program rewritten with sync=True equals batch norm on the concatenated batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    reference = copy.deepcopy(model)
+    x_all = torch.randn(11, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(2))
+    mine = _rank_slice([5, 6], rank)
+    ep = torch.export.export(copy.deepcopy(model), (x_all[mine],))
+    if decomposed:
+        ep = ep.run_decompositions()
+    module = bnfx.transform(ep, sync=True).module()
+    out = module(x_all[mine])
+    torch.testing.assert_close(out, reference(x_all)[mine], **TOL)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(module.state_dict()[key], reference.state_dict()[key], **TOL, msg=key)

@@ -10,6 +10,8 @@ import torch
 import torchvision
 
 import bnfx
+import sync_workers
+from gloo_world import run_world
 from graph_counts import count
 
 GHOST_OP = torch.ops.bnfx.ghost_batch_norm.default
@@ -81,3 +83,8 @@ def test_explain_lists_every_site_of_both_irs():
             [record] = bnfx.explain(ep, ghost_batch_size=4).records
             assert record.name == "1"
             assert record.action == ("ghost" if training else "left alone"), record
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
+def test_sync_program_on_two_gloo_processes(decomposed):
+    run_world(sync_workers.exported_sync, 2, decomposed)
