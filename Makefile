@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m bnfx.demo
+	$(VENV)/bin/bnfx demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/ghost_bn.py

@@ -1,20 +1,25 @@
-"""A few training steps of torchvision's resnet18 through ``torch.compile(backend="bnfx")``.
+"""``bnfx demo``: a few training steps of a torchvision model through torch.compile(backend="bnfx").
 
-Beside it runs the same model in eager mode with the chunk loop of MosaicML Composer's
-GhostBatchNorm. Each step starts the chunk loop from bnfx's weights and statistics (a
-random-init network amplifies float rounding differences from step to step), and the demo
-prints per step the losses, the largest output difference and the step times.
-
-    python -m bnfx.demo [--steps 4] [--batch 48] [--ghost-batch-size 16] [--inner aot_eager]
+Ghost mode runs beside the model, in eager mode, the chunk loop of MosaicML Composer's
+GhostBatchNorm; sync mode spawns gloo processes and runs beside them, on every rank, plain
+batch norm on the concatenation of all ranks' batches. Each step starts the reference from
+bnfx's weights and statistics (a random-init network amplifies float rounding from step to
+step). Prints a line per step, then a table: sites rewritten, step times (the first one
+compiles), losses and the largest output difference.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
+import logging
+import os
+import statistics
+import tempfile
 import time
 
 import torch
-import torchvision
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tabulate import tabulate
 from torch import nn
 
@@ -22,56 +27,163 @@ import bnfx
 from bnfx.chunk_loop import chunk_loop_model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
-    parser.add_argument("--batch", type=int, default=48, help="batch size (default 48)")
-    parser.add_argument("--ghost-batch-size", type=int, default=16, help="ghost batch size (default 16)")
-    parser.add_argument(
-        "--inner", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
-        help="compiler after the bnfx passes (default aot_eager; inductor compiles for minutes on 2 cores)",
-    )
-    args = parser.parse_args(argv)
-    if min(args.steps, args.batch, args.ghost_batch_size) < 1:
-        parser.error("--steps, --batch and --ghost-batch-size must be positive")
+class _SiteCounter(logging.Handler):
+    """Reads the backend's "N batch-norm sites found, M rewritten" lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = self.rewritten = 0
+
+    def emit(self, record):
+        if record.msg.startswith("bnfx graph"):
+            self.found += record.args[1]
+            self.rewritten += record.args[2]
+
+
+def _model(args) -> nn.Module:
+    from bnfx.cli import load_model
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    reference = chunk_loop_model(model, args.ghost_batch_size)
+    return load_model(args.model, num_classes=10)
+
+
+def _train(compiled, model, reference, args, batches, log=print):
+    """Step both models on each batch; rows of (step, loss, reference loss, max diff, seconds)."""
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, reference)]
+    rows = []
+    for step, (x, y) in enumerate(batches):
+        reference.load_state_dict(dict(zip(reference.state_dict(), model.state_dict().values())))
+        start = time.perf_counter()
+        out = compiled(x)
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        optimizers[0].step()
+        seconds = time.perf_counter() - start
+        ref_out = reference(x)
+        ref_loss = nn.functional.cross_entropy(ref_out, y)
+        ref_loss.backward()
+        optimizers[1].step()
+        for opt in optimizers:
+            opt.zero_grad()
+        diff = (out.detach() - ref_out.detach()).abs().max().item()
+        rows.append((step, loss.item(), ref_loss.item(), diff, seconds))
+        log(f"step {step}: loss {loss.item():.4f} (reference {ref_loss.item():.4f}), "
+            f"max |out diff| {diff:.3g}, {seconds:.2f} s")
+    return rows
+
+
+def _batches(args, batch):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(args.steps):
+        x = torch.randn(batch, 3, args.image_size, args.image_size, generator=generator)
+        yield x, torch.randint(0, 10, (batch,), generator=generator)
+
+
+def _print_table(rows, counter, reference_name, args):
+    print()
+    print(tabulate(
+        [(step, loss, ref, diff, seconds) for step, loss, ref, diff, seconds in rows],
+        headers=["step", "bnfx loss", f"{reference_name} loss", "max |out diff|", "bnfx step s"],
+        floatfmt=".4g",
+    ))
+    later = [row[4] for row in rows[1:]]
+    summary = [
+        ("batch-norm sites rewritten", f"{counter.rewritten} of {counter.found}"),
+        ("first step, compiling (s)", f"{rows[0][4]:.2f}"),
+        ("later steps, median (s)", f"{statistics.median(later):.3f}" if later else "-"),
+        ("max |out diff|", f"{max(row[3] for row in rows):.3g}"),
+    ]
+    print()
+    print(tabulate(summary, tablefmt="plain"))
+    print(f"(inner compiler {args.inner!r}; reference: {reference_name})")
+
+
+def run_ghost(args) -> None:
+    model = _model(args)
     print(bnfx.explain(model, ghost_batch_size=args.ghost_batch_size))
     print()
-
+    reference = chunk_loop_model(model, args.ghost_batch_size)
+    counter = _SiteCounter()
+    logging.getLogger("bnfx").addHandler(counter)
+    logging.getLogger("bnfx").setLevel(logging.INFO)
     compiled = torch.compile(
         model, backend="bnfx", options={"ghost_batch_size": args.ghost_batch_size, "inner": args.inner}
     )
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, reference)]
+    rows = _train(compiled, model, reference, args, _batches(args, args.batch))
+    _print_table(rows, counter, "Composer chunk loop", args)
+
+
+def run_sync(args) -> None:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        procs = [context.Process(target=_sync_rank, args=(r, args, init, results)) for r in range(args.nproc)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise SystemExit(f"bnfx demo: rank(s) {failed} failed")
+
+
+def _sync_rank(rank: int, args, init: str, results) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=args.nproc)
+    try:
+        model = _model(args)
+        reference = copy.deepcopy(model)
+        log = print if rank == 0 else (lambda *a, **k: None)
+        counter = _SiteCounter()
+        logging.getLogger("bnfx").addHandler(counter)
+        logging.getLogger("bnfx").setLevel(logging.INFO)
+        compiled = torch.compile(model, backend="bnfx", options={"sync": True, "inner": args.inner})
+        log(f"sync batch norm over {args.nproc} gloo processes, {args.batch} samples each")
+        rows = _train_data_parallel(compiled, model, reference, args, rank, log)
+        if rank == 0:
+            _print_table(rows, counter, f"plain batch norm on all {args.nproc * args.batch} samples", args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_data_parallel(compiled, model, reference, args, rank, log):
+    world = args.nproc
+    params = list(model.parameters())
+
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.01)
     rows = []
-    for step in range(args.steps):
-        x = torch.randn(args.batch, 3, 64, 64)
-        y = torch.randint(0, 10, (args.batch,))
+    for step, (x, y) in enumerate(_batches(args, args.batch * world)):
         reference.load_state_dict(dict(zip(reference.state_dict(), model.state_dict().values())))
-        results = []
-        for m, opt in zip((compiled, reference), optimizers):
-            start = time.perf_counter()
-            out = m(x)
-            loss = nn.functional.cross_entropy(out, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            results.append((out.detach(), loss.item(), time.perf_counter() - start))
-        (out, loss, seconds), (ref_out, ref_loss, ref_seconds) = results
-        rows.append([step, loss, ref_loss, (out - ref_out).abs().max().item(), seconds, ref_seconds])
-        print(f"step {step}: loss {loss:.4f} (chunk loop {ref_loss:.4f}), {seconds:.2f}s", flush=True)
-    print()
-    print(
-        tabulate(
-            rows,
-            headers=["step", "bnfx loss", "chunk-loop loss", "max |out diff|", "bnfx s", "chunk-loop s"],
-            floatfmt=".4g",
-        )
-    )
-    print(f"(step 0 of bnfx includes compilation with inner={args.inner!r})")
+        mine = slice(rank * args.batch, (rank + 1) * args.batch)
+        start = time.perf_counter()
+        out = compiled(x[mine])
+        # each rank's share of the concatenated batch's mean loss; summed gradients are its gradient
+        loss = nn.functional.cross_entropy(out, y[mine]) / world
+        loss.backward()
+        for p in params:
+            dist.all_reduce(p.grad)
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds = time.perf_counter() - start
+        ref_out = reference(x)
+        ref_loss = nn.functional.cross_entropy(ref_out, y)
+        ref_loss.backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        diff = (out.detach() - ref_out.detach()[mine]).abs().max().item()
+        total_loss = loss.detach().clone()
+        dist.all_reduce(total_loss)  # the concatenated batch's mean loss
+        rows.append((step, total_loss.item(), ref_loss.item(), diff, seconds))
+        log(f"step {step}: loss {total_loss.item():.4f} (reference {ref_loss.item():.4f}), "
+            f"max |out diff| {diff:.3g}, {seconds:.2f} s")
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from bnfx.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

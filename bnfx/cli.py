@@ -1,0 +1,193 @@
+"""The ``bnfx`` command: ``demo``, ``inspect`` and ``export``.
+
+    bnfx demo [--model resnet18] [--steps 4] [--sync --nproc 2]
+    bnfx inspect resnet50 --ghost-batch-size 16
+    bnfx inspect model.pt2
+    bnfx export resnet18 -o resnet18_ghost.pt2 --ghost-batch-size 16 --input-shape 32,3,224,224
+
+A bad argument prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+import torch
+
+
+class UsageError(Exception):
+    """A bad command-line argument: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("bnfx: a command is required: demo, inspect or export (bnfx --help)")
+        args.run(args)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnfx", description="Ghost and synchronized batch norm as graph passes.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="train a torchvision model a few steps through torch.compile")
+    demo.add_argument("--model", default="resnet18", help="torchvision model name (default resnet18)")
+    demo.add_argument("--steps", type=_positive, default=4, help="training steps (default 4)")
+    demo.add_argument("--batch", type=_positive, default=48, help="samples per step and process (default 48)")
+    demo.add_argument("--image-size", type=_positive, default=64, help="input height and width (default 64)")
+    demo.add_argument("--ghost-batch-size", type=_positive, default=16, help="ghost mode's sub-batch (default 16)")
+    demo.add_argument("--sync", action="store_true", help="sync mode over --nproc gloo processes instead")
+    demo.add_argument("--nproc", type=_positive, default=2, help="processes for --sync (default 2)")
+    demo.add_argument(
+        "--inner", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
+        help="compiler after the passes (default aot_eager; inductor compiles for minutes on small CPUs)",
+    )
+    demo.set_defaults(run=_run_demo)
+
+    inspect = commands.add_parser("inspect", help="the bnfx.explain table of a model or a .pt2 program")
+    inspect.add_argument("model", help="torchvision model name, package.module:factory, or FILE.pt2")
+    _add_options(inspect)
+    inspect.add_argument("--eval", action="store_true", help="inspect the model in eval mode")
+    inspect.set_defaults(run=_run_inspect)
+
+    export = commands.add_parser("export", help="torch.export a model, rewrite it, save it as .pt2")
+    export.add_argument("model", help="torchvision model name or package.module:factory")
+    export.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+    _add_options(export)
+    export.add_argument(
+        "--input-shape", type=_shape, default=(32, 3, 224, 224), help="example input N,C,H,W (default 32,3,224,224)"
+    )
+    export.add_argument("--decomposed", action="store_true", help="save the decomposed IR (run_decompositions)")
+    export.add_argument("--eval", action="store_true", help="export the model in eval mode")
+    export.set_defaults(run=_run_export)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """The bnfx options, as in Python: ghost_batch_size, sync, group_size, freeze."""
+    parser.add_argument("--ghost-batch-size", type=_positive, help="ghost mode with this sub-batch size")
+    parser.add_argument("--sync", action="store_true", help="sync mode (over WORLD)")
+    parser.add_argument("--group-size", type=_positive, help="sync mode within blocks of this many ranks")
+    parser.add_argument("--freeze", action="store_true", help="sync mode, running statistics only")
+
+
+def _options(args) -> dict:
+    options = {"ghost_batch_size": args.ghost_batch_size, "group_size": args.group_size}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.sync:
+        options["sync"] = True
+    if args.freeze:
+        options["freeze"] = True
+    try:
+        from bnfx.options import resolve_options
+
+        resolve_options(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"bnfx: {error}") from None
+    return options
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 32,3,224,224, got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least N,C, all positive, got {text!r}")
+    return shape
+
+
+def load_model(spec: str, **torchvision_kwargs) -> torch.nn.Module:
+    """A torchvision model by name (built with ``torchvision_kwargs``), or ``package.module:factory()``."""
+    if ":" in spec:
+        module_name, _, factory = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), factory)()
+        except (ImportError, AttributeError) as error:
+            raise UsageError(f"bnfx: cannot load model {spec!r}: {error}") from None
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(spec, **torchvision_kwargs)
+    except ValueError:
+        raise UsageError(
+            f"bnfx: unknown model {spec!r}: give a torchvision model name (e.g. resnet18) or package.module:factory"
+        ) from None
+
+
+def _run_inspect(args) -> None:
+    import bnfx
+
+    options = _options(args)
+    if args.model.endswith(".pt2"):
+        model = _load_program(args.model)
+    else:
+        model = load_model(args.model).train(not args.eval)
+    print(bnfx.explain(model, **options))
+
+
+def _load_program(path: str):
+    if not os.path.isfile(path):
+        raise UsageError(f"bnfx: no such file: {path!r}")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # torch logs the traceback of a failed load as a warning
+    try:
+        return torch.export.load(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a bad argument here
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"bnfx: cannot load {path!r}: {first_line}") from None
+    finally:
+        export_log.setLevel(level)
+
+
+def _run_export(args) -> None:
+    import bnfx
+
+    options = _options(args)
+    model = load_model(args.model).train(not args.eval)
+    program = torch.export.export(model, (torch.randn(args.input_shape),))
+    if args.decomposed:
+        program = program.run_decompositions()
+    rewritten = bnfx.transform(program, **options)
+    torch.export.save(rewritten, args.output)
+    print(bnfx.explain(program, **options))
+    print(f"saved {args.output} (load it after `import bnfx`)")
+
+
+def _run_demo(args) -> None:
+    from bnfx import demo
+
+    if args.sync:
+        demo.run_sync(args)
+    else:
+        demo.run_ghost(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

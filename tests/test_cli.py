@@ -1,0 +1,101 @@
+"""The ``bnfx`` console script, run as a user runs it: every subcommand, and bad arguments."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import bnfx  # noqa: F401  (registers torch.ops.bnfx for loading exported programs)
+
+BNFX = str(Path(sys.executable).parent / "bnfx")
+TESTS = os.path.dirname(__file__)
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=TESTS)  # for package.module:factory models
+    return subprocess.run([BNFX, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def summary_value(stdout: str, label: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith(label))
+    return line[len(label):].strip()
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["export"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: bnfx"), result.stderr
+
+
+def test_demo_ghost_against_composer():
+    result = run("demo", "--steps", "2", "--batch", "20", "--ghost-batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert "20 batch-norm sites, 20 rewritten" in result.stdout and "step 1:" in result.stdout
+    assert summary_value(result.stdout, "batch-norm sites rewritten") == "20 of 20"
+    assert float(summary_value(result.stdout, "max |out diff|")) < 1e-3
+
+
+def test_demo_sync_on_two_processes():
+    result = run("demo", "--sync", "--nproc", "2", "--steps", "2", "--batch", "6")
+    assert result.returncode == 0, result.stderr
+    assert "plain batch norm on all 12 samples" in result.stdout
+    assert summary_value(result.stdout, "batch-norm sites rewritten") == "20 of 20"
+    assert float(summary_value(result.stdout, "max |out diff|")) < 1e-3
+
+
+def test_inspect_model_name_and_factory():
+    result = run("inspect", "resnet18", "--ghost-batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert "layer4.1.bn2" in result.stdout and "20 batch-norm sites, 20 rewritten" in result.stdout
+    result = run("inspect", "graph_counts:ThreeForms", "--sync")
+    assert result.returncode == 0, result.stderr
+    assert "no initialized process group: plain batch norm" in result.stdout
+
+
+def test_export_then_load_and_run(tmp_path):
+    program = tmp_path / "resnet18.pt2"
+    result = run("export", "resnet18", "-o", str(program), "--ghost-batch-size", "8", "--input-shape", "16,3,32,32")
+    assert result.returncode == 0, result.stderr
+    assert "20 batch-norm sites, 20 rewritten" in result.stdout
+    module = torch.export.load(program).module()
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(module.state_dict())
+    expected = bnfx.transform(reference, ghost_batch_size=8)(x)
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_exported_program(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    program = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(8, 3, 6, 6),)), program)
+    result = run("inspect", str(program), "--ghost-batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "aten.batch_norm" in result.stdout and "1 batch-norm sites, 1 rewritten" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "a command is required"),
+        (["demo", "--steps", "0"], "--steps: expected a positive int, got '0'"),
+        (["demo", "--inner", "tvm"], "invalid choice: 'tvm'"),
+        (["inspect", "no_such_model"], "unknown model 'no_such_model'"),
+        (["inspect", "no_such_module:factory"], "cannot load model 'no_such_module:factory'"),
+        (["inspect", "missing.pt2"], "no such file: 'missing.pt2'"),
+        (["inspect", "resnet18", "--ghost-batch-size", "8", "--sync"], "exclusive"),
+        (["export", "resnet18"], "the following arguments are required: -o/--output"),
+        (["export", "resnet18", "-o", "x.pt2", "--input-shape", "8,x"], "expected sizes like 32,3,224,224"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_print_one_line_and_exit_2(args, message):
+    result = run(*args, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
