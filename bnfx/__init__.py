@@ -1,7 +1,10 @@
 """bnfx: ghost and synchronized batch norm as torch.fx / torch.compile graph passes.
 
-    torch.compile(model, backend="bnfx", options={"ghost_batch_size": 32})
+    torch.compile(model, backend="bnfx", options={"ghost_batch_size": 32})   # or {"sync": True}
     gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
+    ep = bnfx.transform(torch.export.export(model, (x,)), ghost_batch_size=32)
+
+The ``bnfx`` command (demo, inspect, export) is ``bnfx.cli``.
 """
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
