@@ -23,6 +23,10 @@ def transform_exported(ep: ExportedProgram, options) -> tuple[ExportedProgram, R
     (``aten._native_batch_norm_legit_functional``, whose new state the program returns as
     BUFFER_MUTATION outputs, now taken from the bnfx op).
     """
+    if options.freeze:
+        # The frozen rewrite emits torch-level calls (F.batch_norm, Tensor.detach), which an
+        # exported program's aten-only graph does not admit.
+        raise NotImplementedError("freeze=True is not available for torch.export programs; got freeze=True")
     gm = copy.deepcopy(ep.graph_module)
     report = run_passes(gm, options)
     _fill_fake_values(gm)

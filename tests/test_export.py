@@ -88,3 +88,11 @@ def test_explain_lists_every_site_of_both_irs():
 @pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
 def test_sync_program_on_two_gloo_processes(decomposed):
     run_world(sync_workers.exported_sync, 2, decomposed)
+
+
+def test_freeze_on_an_exported_program_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ep = torch.export.export(model, (torch.randn(8, 3, 6, 6),))
+    with pytest.raises(NotImplementedError, match="freeze=True is not available for torch.export programs"):
+        bnfx.transform(ep, freeze=True)
+    assert count(ep.graph_module, torch.ops.aten.batch_norm.default) == 1  # the program is untouched
