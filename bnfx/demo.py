@@ -40,6 +40,13 @@ class _SiteCounter(logging.Handler):
             self.rewritten += record.args[2]
 
 
+def _count_sites() -> _SiteCounter:
+    counter = _SiteCounter()
+    logging.getLogger("bnfx").addHandler(counter)
+    logging.getLogger("bnfx").setLevel(logging.INFO)
+    return counter
+
+
 def _model(args) -> nn.Module:
     from bnfx.cli import load_model
 
@@ -47,16 +54,23 @@ def _model(args) -> nn.Module:
     return load_model(args.model, num_classes=10)
 
 
-def _train(compiled, model, reference, args, batches, log=print):
-    """Step both models on each batch; rows of (step, loss, reference loss, max diff, seconds)."""
+def _train(compiled, model, reference, batches, rank=0, world=1, log=print):
+    """Step both models on each batch, ``compiled`` on this rank's share of it, with the
+    gradients summed over ranks; rows of (step, loss, reference loss, max diff, seconds)."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, reference)]
     rows = []
     for step, (x, y) in enumerate(batches):
         reference.load_state_dict(dict(zip(reference.state_dict(), model.state_dict().values())))
+        share = len(x) // world
+        mine = slice(rank * share, (rank + 1) * share)
         start = time.perf_counter()
-        out = compiled(x)
-        loss = nn.functional.cross_entropy(out, y)
+        out = compiled(x[mine])
+        # each rank's share of the whole batch's mean loss: summed gradients are its gradient
+        loss = nn.functional.cross_entropy(out, y[mine]) / world
         loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
         optimizers[0].step()
         seconds = time.perf_counter() - start
         ref_out = reference(x)
@@ -65,9 +79,12 @@ def _train(compiled, model, reference, args, batches, log=print):
         optimizers[1].step()
         for opt in optimizers:
             opt.zero_grad()
-        diff = (out.detach() - ref_out.detach()).abs().max().item()
-        rows.append((step, loss.item(), ref_loss.item(), diff, seconds))
-        log(f"step {step}: loss {loss.item():.4f} (reference {ref_loss.item():.4f}), "
+        diff = (out.detach() - ref_out.detach()[mine]).abs().max().item()
+        total_loss = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total_loss)  # the whole batch's mean loss
+        rows.append((step, total_loss.item(), ref_loss.item(), diff, seconds))
+        log(f"step {step}: loss {total_loss.item():.4f} (reference {ref_loss.item():.4f}), "
             f"max |out diff| {diff:.3g}, {seconds:.2f} s")
     return rows
 
@@ -103,22 +120,19 @@ def run_ghost(args) -> None:
     print(bnfx.explain(model, ghost_batch_size=args.ghost_batch_size))
     print()
     reference = chunk_loop_model(model, args.ghost_batch_size)
-    counter = _SiteCounter()
-    logging.getLogger("bnfx").addHandler(counter)
-    logging.getLogger("bnfx").setLevel(logging.INFO)
+    counter = _count_sites()
     compiled = torch.compile(
         model, backend="bnfx", options={"ghost_batch_size": args.ghost_batch_size, "inner": args.inner}
     )
-    rows = _train(compiled, model, reference, args, _batches(args, args.batch))
+    rows = _train(compiled, model, reference, _batches(args, args.batch))
     _print_table(rows, counter, "Composer chunk loop", args)
 
 
 def run_sync(args) -> None:
     context = mp.get_context("spawn")
-    results = context.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
-        procs = [context.Process(target=_sync_rank, args=(r, args, init, results)) for r in range(args.nproc)]
+        procs = [context.Process(target=_sync_rank, args=(r, args, init)) for r in range(args.nproc)]
         for p in procs:
             p.start()
         for p in procs:
@@ -128,57 +142,22 @@ def run_sync(args) -> None:
         raise SystemExit(f"bnfx demo: rank(s) {failed} failed")
 
 
-def _sync_rank(rank: int, args, init: str, results) -> None:
+def _sync_rank(rank: int, args, init: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=args.nproc)
     try:
         model = _model(args)
         reference = copy.deepcopy(model)
         log = print if rank == 0 else (lambda *a, **k: None)
-        counter = _SiteCounter()
-        logging.getLogger("bnfx").addHandler(counter)
-        logging.getLogger("bnfx").setLevel(logging.INFO)
+        counter = _count_sites()
         compiled = torch.compile(model, backend="bnfx", options={"sync": True, "inner": args.inner})
         log(f"sync batch norm over {args.nproc} gloo processes, {args.batch} samples each")
-        rows = _train_data_parallel(compiled, model, reference, args, rank, log)
+        batches = _batches(args, args.batch * args.nproc)
+        rows = _train(compiled, model, reference, batches, rank, args.nproc, log)
         if rank == 0:
             _print_table(rows, counter, f"plain batch norm on all {args.nproc * args.batch} samples", args)
     finally:
         dist.destroy_process_group()
-
-
-def _train_data_parallel(compiled, model, reference, args, rank, log):
-    world = args.nproc
-    params = list(model.parameters())
-
-    optimizer = torch.optim.SGD(params, lr=0.01)
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.01)
-    rows = []
-    for step, (x, y) in enumerate(_batches(args, args.batch * world)):
-        reference.load_state_dict(dict(zip(reference.state_dict(), model.state_dict().values())))
-        mine = slice(rank * args.batch, (rank + 1) * args.batch)
-        start = time.perf_counter()
-        out = compiled(x[mine])
-        # each rank's share of the concatenated batch's mean loss; summed gradients are its gradient
-        loss = nn.functional.cross_entropy(out, y[mine]) / world
-        loss.backward()
-        for p in params:
-            dist.all_reduce(p.grad)
-        optimizer.step()
-        optimizer.zero_grad()
-        seconds = time.perf_counter() - start
-        ref_out = reference(x)
-        ref_loss = nn.functional.cross_entropy(ref_out, y)
-        ref_loss.backward()
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
-        diff = (out.detach() - ref_out.detach()[mine]).abs().max().item()
-        total_loss = loss.detach().clone()
-        dist.all_reduce(total_loss)  # the concatenated batch's mean loss
-        rows.append((step, total_loss.item(), ref_loss.item(), diff, seconds))
-        log(f"step {step}: loss {total_loss.item():.4f} (reference {ref_loss.item():.4f}), "
-            f"max |out diff| {diff:.3g}, {seconds:.2f} s")
-    return rows
 
 
 if __name__ == "__main__":
