@@ -167,16 +167,16 @@ def _load_program(path: str):
 
 
 def _run_export(args) -> None:
-    import bnfx
+    from bnfx.transform import _rewritten_copy
 
     options = _options(args)
     model = load_model(args.model).train(not args.eval)
     program = torch.export.export(model, (torch.randn(args.input_shape),))
     if args.decomposed:
         program = program.run_decompositions()
-    rewritten = bnfx.transform(program, **options)
+    rewritten, report = _rewritten_copy(program, options)  # one rewrite: the program and its table
     torch.export.save(rewritten, args.output)
-    print(bnfx.explain(program, **options))
+    print(report)
     print(f"saved {args.output} (load it after `import bnfx`)")
 
 
