@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import operator
 
-import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
