@@ -11,12 +11,16 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfx import ddp_frames
 from bnfx.options import Options, resolve_options
-from bnfx.passes import run_passes
+from bnfx.passes import Report, run_passes
 
 log = logging.getLogger("bnfx")
 _graph_ids = itertools.count()
 _reported_modules: weakref.WeakSet = weakref.WeakSet()
+# The report of every graph the backend compiled in this process, in order: what it did,
+# readable by programs (the log line is for people).
+graph_reports: list[Report] = []
 
 
 def backend(**options) -> Callable:
@@ -25,13 +29,16 @@ def backend(**options) -> Callable:
     >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, inner="aot_eager"))
     """
     opts = resolve_options(options, backend=True)
+    ddp_frames.watch()
 
+    @ddp_frames.mark_bnfx_backend
     def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any]):
         return _compile(gm, example_inputs, opts)
 
     return bnfx_compile
 
 
+@ddp_frames.mark_bnfx_backend
 def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
     """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``."""
     opts = resolve_options(dict(options or {}), backend=True)
@@ -41,6 +48,7 @@ def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode: str | None = None):
     _warn_modules_outside_graph()
     report = run_passes(gm, opts)
+    graph_reports.append(report)
     log.info(
         "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s)",
         next(_graph_ids), report.found, report.rewritten_count, opts.describe(),

@@ -11,7 +11,6 @@ compiles), losses and the largest output difference.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import statistics
 import tempfile
@@ -24,27 +23,23 @@ from tabulate import tabulate
 from torch import nn
 
 import bnfx
+from bnfx import compile_backend
 from bnfx.chunk_loop import chunk_loop_model
 
 
-class _SiteCounter(logging.Handler):
-    """Reads the backend's "N batch-norm sites found, M rewritten" lines."""
+class _SiteCounter:
+    """Batch-norm sites found and rewritten by the backend from now on."""
 
     def __init__(self):
-        super().__init__()
-        self.found = self.rewritten = 0
+        self.start = len(compile_backend.graph_reports)
 
-    def emit(self, record):
-        if record.msg.startswith("bnfx graph"):
-            self.found += record.args[1]
-            self.rewritten += record.args[2]
+    @property
+    def found(self) -> int:
+        return sum(r.found for r in compile_backend.graph_reports[self.start :])
 
-
-def _count_sites() -> _SiteCounter:
-    counter = _SiteCounter()
-    logging.getLogger("bnfx").addHandler(counter)
-    logging.getLogger("bnfx").setLevel(logging.INFO)
-    return counter
+    @property
+    def rewritten(self) -> int:
+        return sum(r.rewritten_count for r in compile_backend.graph_reports[self.start :])
 
 
 def _model(args) -> nn.Module:
@@ -120,7 +115,7 @@ def run_ghost(args) -> None:
     print(bnfx.explain(model, ghost_batch_size=args.ghost_batch_size))
     print()
     reference = chunk_loop_model(model, args.ghost_batch_size)
-    counter = _count_sites()
+    counter = _SiteCounter()
     compiled = torch.compile(
         model, backend="bnfx", options={"ghost_batch_size": args.ghost_batch_size, "inner": args.inner}
     )
@@ -149,7 +144,7 @@ def _sync_rank(rank: int, args, init: str) -> None:
         model = _model(args)
         reference = copy.deepcopy(model)
         log = print if rank == 0 else (lambda *a, **k: None)
-        counter = _count_sites()
+        counter = _SiteCounter()
         compiled = torch.compile(model, backend="bnfx", options={"sync": True, "inner": args.inner})
         log(f"sync batch norm over {args.nproc} gloo processes, {args.batch} samples each")
         batches = _batches(args, args.batch * args.nproc)

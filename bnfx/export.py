@@ -14,7 +14,7 @@ from torch.export.graph_signature import ExportGraphSignature, TensorArgument
 from bnfx.passes import Report, run_passes
 
 
-def transform_exported(ep: ExportedProgram, options) -> tuple[ExportedProgram, Report]:
+def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -> tuple[ExportedProgram, Report]:
     """``ep`` with its batch-norm sites rewritten; ``ep`` itself is not modified.
 
     Both IRs: the training IR (``aten.batch_norm``, buffers updated in place, where the
@@ -27,7 +27,7 @@ def transform_exported(ep: ExportedProgram, options) -> tuple[ExportedProgram, R
         # exported program's aten-only graph does not admit.
         raise NotImplementedError("freeze=True is not available for torch.export programs; got freeze=True")
     gm = copy.deepcopy(ep.graph_module)
-    report = run_passes(gm, options)
+    report = run_passes(gm, options, dry_run=dry_run)
     _fill_fake_values(gm)
     signature = _renamed(ep.graph_signature, gm)
     rewritten = ExportedProgram(

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
 
@@ -93,6 +94,7 @@ def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -
 def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
     """``module(input)`` normalized with its running statistics, which stay as they are, in
     train and eval mode; weight and bias get no gradient (MegEngine's ``freeze=True``)."""
+    _initialize_lazy(module, input)
     module._check_input_dim(input)
     weight = None if module.weight is None else module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
@@ -101,6 +103,7 @@ def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
 
 def _batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs) -> Tensor:
     """``_BatchNorm.forward`` with ``batch_norm`` wherever it would use batch statistics."""
+    _initialize_lazy(module, input)
     module._check_input_dim(input)
     uses_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     if not uses_batch_stats:
@@ -119,3 +122,10 @@ def _batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs)
         num_batches_tracked=module.num_batches_tracked if updates_state else None,
         **kwargs,
     )
+
+
+def _initialize_lazy(module: _BatchNorm, input: Tensor) -> None:
+    """A lazy batch norm's first call: what its own forward pre-hook does (infer the channels
+    from ``input``, create parameters and buffers, become the regular class)."""
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        module._infer_parameters(module, (input,))

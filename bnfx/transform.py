@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import fx, nn
+from torch.fx.proxy import TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.export import transform_exported
@@ -35,19 +36,28 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"model must contain its batch-norm modules, got a bare {type(model).__name__}; "
             "wrap it, e.g. nn.Sequential(bn)"
         )
-    graph = _BatchNormLeafTracer().trace(model)
+    try:
+        graph = _BatchNormLeafTracer().trace(model)
+    except Exception as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TraceError(
+            f"bnfx.transform cannot trace {type(model).__name__} with torch.fx.symbolic_trace: {cause}. "
+            "Models with data-dependent control flow or untraceable calls work through "
+            'torch.compile(model, backend="bnfx", options={...}) or '
+            "bnfx.transform(torch.export.export(model, (x,)), ...)"
+        ) from error
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
-def _rewritten_copy(model, options: dict):
+def _rewritten_copy(model, options: dict, *, dry_run: bool = False):
     opts = resolve_options(options)
     if isinstance(model, torch.export.ExportedProgram):
-        return transform_exported(model, opts)
+        return transform_exported(model, opts, dry_run=dry_run)
     gm = _graph_module(model)
     # A new graph over the same submodules: the input graph is untouched, while parameters
     # and buffers stay shared, so training the result updates the user's model.
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    report = run_passes(new, opts)
+    report = run_passes(new, opts, dry_run=dry_run)
     return new, report
 
 
@@ -66,5 +76,9 @@ def transform(model, **options):
 
 
 def explain(model, **options) -> Report:
-    """What ``transform(model, **options)`` does to each batch-norm site; ``print`` it for a table."""
-    return _rewritten_copy(model, options)[1]
+    """What ``transform(model, **options)`` does to each batch-norm site; ``print`` it for a table.
+
+    It makes no collective call (sync mode's communicator is created by ``transform`` and the
+    first compiled step), so one rank alone may call it.
+    """
+    return _rewritten_copy(model, options, dry_run=True)[1]

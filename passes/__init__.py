@@ -19,9 +19,15 @@ def pipeline(options) -> list:
     return [rewrite_sync]
 
 
-def run_passes(gm: fx.GraphModule, options) -> Report:
-    """Rewrite ``gm`` in place; return what was done to each batch-norm site."""
+def run_passes(gm: fx.GraphModule, options, *, dry_run: bool = False) -> Report:
+    """Rewrite ``gm`` in place; return what was done to each batch-norm site.
+
+    Sites that stay plain batch norm in training are reported at WARNING level with their
+    reason. ``dry_run`` (``bnfx.explain``): the report only, no warning and no collective call.
+    """
     report = Report()
     for rewrite in pipeline(options):
-        rewrite(gm, options, report)
+        rewrite(gm, options, report, dry_run=dry_run)
+    if not dry_run:
+        report.warn_plain_sites()
     return report

@@ -11,8 +11,11 @@ from bnfx.passes.rewrite import replace_functional_site, replace_module_site, un
 from bnfx.passes.sites import match_site
 
 
-def rewrite_ghost(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
-    """Make every training-mode batch-norm site of ``gm`` compute ghost batch norm."""
+def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
+    """Make every training-mode batch-norm site of ``gm`` compute ghost batch norm.
+
+    ``dry_run`` changes nothing here: a ghost rewrite has no side effect outside the graph.
+    """
     size = options.ghost_batch_size
     # Sites are matched one at a time: a rewrite changes the arguments of later sites.
     sites = (match_site(gm, node) for node in list(gm.graph.nodes))

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
+
+log = logging.getLogger("bnfx")
+# Warnings already given in this process: a recompiled graph does not repeat them.
+_warned: set[str] = set()
+
+# Left alone on purpose: batch norm there uses running statistics, as the user asked.
+EVAL_MODE = "eval mode: normalizes with running statistics"
 
 
 @dataclass(frozen=True)
 class SiteRecord:
     name: str
     form: str
-    action: str  # "ghost", or "left alone"
+    action: str  # "ghost", "sync", "frozen", or "left alone"
     reason: str = ""
+
+    @property
+    def stays_plain(self) -> bool:
+        """A site that would use batch statistics and computes them as plain batch norm does."""
+        return self.action == "left alone" and self.reason != EVAL_MODE
 
 
 @dataclass
@@ -34,6 +47,25 @@ class Report:
     @property
     def rewritten_count(self) -> int:
         return sum(r.action != "left alone" for r in self.records)
+
+    @property
+    def plain(self) -> list[SiteRecord]:
+        """The sites bnfx was asked to rewrite and did not."""
+        return [r for r in self.records if r.stays_plain]
+
+    def warn_plain_sites(self) -> None:
+        """Say at WARNING level, once per process and reason, which sites stay plain batch norm."""
+        by_reason: dict[str, list[str]] = {}
+        for record in self.plain:
+            by_reason.setdefault(record.reason, []).append(record.name)
+        for reason, names in by_reason.items():
+            message = (
+                f"bnfx: {len(names)} batch-norm site{'s' if len(names) > 1 else ''} "
+                f"stay{'' if len(names) > 1 else 's'} plain batch norm ({reason}): {', '.join(names)}"
+            )
+            if message not in _warned:
+                _warned.add(message)
+                log.warning(message)
 
     def __len__(self) -> int:
         return len(self.records)

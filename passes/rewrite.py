@@ -8,26 +8,27 @@ from typing import Any, Callable
 import torch
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.lazy import LazyModuleMixin
 
+from bnfx.passes.report import EVAL_MODE
 from bnfx.passes.sites import FUNCTIONAL_STATE_FORMS, BatchNormSite
 
 
 def unsupported(site: BatchNormSite) -> str | None:
-    """Why ``site`` cannot be rewritten into a batch-statistics op, or None when it can."""
+    """Why ``site`` cannot be rewritten into a batch-statistics op, or None when it can.
+
+    Momentum and eps may be graph values (Dynamo passes float module attributes as tensors
+    under ``dynamic=True`` and reads them with ``.item()``): the op takes them as they are.
+    Lazy modules are rewritten too: the run-time helper initializes them on the first call.
+    """
     if site.form == "call_module":
         forward = type(site.module).forward
         if forward is not _BatchNorm.forward:
             return f"{type(site.module).__name__} has its own forward"
-        if isinstance(site.module, LazyModuleMixin) and site.module.has_uninitialized_params():
-            return "lazy module not initialized yet"
         return None
     if site.training is False:
-        return "eval mode: normalizes with running statistics"
+        return EVAL_MODE
     if site.training is not True:
         return "training flag is computed in the graph"
-    if isinstance(site.momentum, fx.Node):
-        return "momentum is computed in the graph"
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
         return "momentum=None without a num_batches_tracked buffer"
     if site.form in FUNCTIONAL_STATE_FORMS and any(_index(user) in (1, 2) for user in site.node.users):

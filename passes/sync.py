@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import fx
 
@@ -13,13 +11,14 @@ from bnfx.passes.rewrite import replace_functional_site, replace_module_site, un
 from bnfx.passes.sites import BatchNormSite, match_site
 from bnfx.process_groups import sync_group
 
-log = logging.getLogger("bnfx")
-_logged_fallbacks: set[str] = set()
 
 
-def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
-    """Make every training-mode batch-norm site of ``gm`` compute statistics over the sync group."""
-    group, fallback = sync_group(options.sync, options.group_size)
+def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
+    """Make every training-mode batch-norm site of ``gm`` compute statistics over the sync group.
+
+    ``dry_run`` (``bnfx.explain``) creates no communicator: the graph names none that runs.
+    """
+    group, fallback = sync_group(options.sync, options.group_size, create=not dry_run)
     sites = (match_site(gm, node) for node in list(gm.graph.nodes))
     for index, site in enumerate(site for site in sites if site is not None):
         if options.freeze and _has_running_stats(site):
@@ -29,25 +28,17 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
         reason = unsupported(site) or fallback
         if reason:
             report.left_alone(site, reason)
-            _log_fallback(fallback)
             continue
         name = f"sync_bn_{index}"
         if site.form == "call_module":
-            replace_module_site(gm, site, sync_batch_norm_module, (group.group_name,), name)
+            replace_module_site(gm, site, sync_batch_norm_module, (group.name,), name)
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
-            replace_functional_site(gm, site, op, (site.momentum, site.eps, group.group_name), name)
-        report.rewritten(site, "sync", f"over {group.size()} ranks")
+            replace_functional_site(gm, site, op, (site.momentum, site.eps, group.name), name)
+        report.rewritten(site, "sync", f"over {group.size} ranks")
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _log_fallback(fallback: str) -> None:
-    """Say once per process why sync mode runs plain batch norm."""
-    if fallback and fallback not in _logged_fallbacks:
-        _logged_fallbacks.add(fallback)
-        log.warning("bnfx sync mode: %s", fallback)
 
 
 def _has_running_stats(site: BatchNormSite) -> bool:

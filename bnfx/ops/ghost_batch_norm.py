@@ -60,11 +60,19 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
     if (last or chunk_size) * input[0, 0].numel() == 1:
         raise ValueError(
             f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
-            f"ghost batch of 1 sample of shape {tuple(input.shape[1:])} "
-            f"(batch size {input.shape[0]}, ghost_batch_size={ghost_batch_size})"
+            f"ghost batch of 1 sample of shape {tuple(_concrete(n) for n in input.shape[1:])} "
+            f"(batch size {_concrete(input.shape[0])}, ghost_batch_size={ghost_batch_size}, split as "
+            f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
+            f"ghost_batch_size whose last ghost batch has 2 samples or more"
         )
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
+
+
+def _concrete(size) -> int:
+    """A size as a number: under dynamic shapes, the size of the call being compiled."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return size if hint is None else hint
 
 
 def _segments(t: Tensor, ghost_batch_size: int) -> list[Tensor]:

@@ -1,0 +1,95 @@
+"""Batch norms in torch's own containers under DDP: make Dynamo compile the container's frame.
+
+``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks the graph and
+runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward`` context. Dynamo then
+compiles the inner module's ``forward`` as a frame of its own, with the bnfx backend, only
+when that code is not torch's: a user-defined class or a torchvision model reaches bnfx, but
+``nn.Sequential.forward`` is skipped and its batch norms would run as plain batch norm, with
+no graph for bnfx to see. Dynamo does compile the forward frame of a torch module that has
+forward hooks (``torch._dynamo.trace_rules.check_verbose``). So when Dynamo starts compiling
+a frame for a bnfx backend, every DDP module that frame holds whose inner module is torch's
+own and contains batch norm gets a forward pre-hook that changes nothing: from then on its
+forward is a frame Dynamo compiles, in the same first step, and bnfx rewrites its sites.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger("bnfx")
+_watching = False
+_opened: weakref.WeakSet = weakref.WeakSet()
+
+
+def mark_bnfx_backend(fn):
+    """Tag a compiler function as bnfx's, for the watcher to recognize its compiles."""
+    fn._bnfx_backend = True
+    return fn
+
+
+def watch() -> None:
+    """Start watching Dynamo's compiles (once per process; Dynamo must be imported)."""
+    global _watching
+    if not _watching:
+        import torch._dynamo
+
+        torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
+        _watching = True
+
+
+def _on_compile_start(_args) -> None:
+    try:
+        frame = _frame_compiled_by_bnfx()
+        if frame is not None:
+            for module in _modules_in(frame.f_locals.values()):
+                _open_inner_frames(module)
+    except Exception:  # noqa: BLE001 - a watcher must never break a compile
+        log.debug("bnfx: could not inspect the frame Dynamo compiles", exc_info=True)
+
+
+def _frame_compiled_by_bnfx():
+    """The frame that the Dynamo compile on this thread's stack compiles, when the backend is bnfx's."""
+    compile_code = inspect.unwrap(torch._dynamo.convert_frame._compile).__code__
+    caller = sys._getframe(1)
+    while caller is not None and caller.f_code is not compile_code:
+        caller = caller.f_back
+    if caller is None:
+        return None
+    compiler_fn = caller.f_locals.get("compiler_fn")
+    backend = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
+    backend = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend name
+    return caller.f_locals.get("frame") if getattr(backend, "_bnfx_backend", False) else None
+
+
+def _modules_in(values) -> list[nn.Module]:
+    modules = []
+    for value in values:
+        value = getattr(value, "__self__", value)  # a bound forward
+        if isinstance(value, nn.Module):
+            modules.append(value)
+    return modules
+
+
+def _open_inner_frames(root: nn.Module) -> None:
+    for ddp in root.modules():
+        if not isinstance(ddp, DistributedDataParallel) or ddp in _opened:
+            continue
+        _opened.add(ddp)
+        inner = ddp.module
+        if type(inner).forward.__module__.startswith("torch.") and any(
+            isinstance(m, _BatchNorm) for m in inner.modules()
+        ):
+            inner.register_forward_pre_hook(_compile_this_forward)
+            log.info("bnfx: Dynamo compiles %s.forward under DDP from now on", type(inner).__name__)
+
+
+def _compile_this_forward(module, args) -> None:
+    """Does nothing: its presence makes Dynamo compile the module's forward frame."""
