@@ -11,12 +11,14 @@ A bad argument prints one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import os
 import sys
 
 import torch
+from torch.fx.proxy import TraceError
 
 
 class UsageError(Exception):
@@ -41,12 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_MODEL_HELP = (
+    "a torchvision classification model name (resnet18, resnet50, mobilenet_v3_small, ...) or "
+    "package.module:factory, a function of that module returning an nn.Module (the current "
+    "directory is importable)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bnfx", description="Ghost and synchronized batch norm as graph passes.")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="train a torchvision model a few steps through torch.compile")
-    demo.add_argument("--model", default="resnet18", help="torchvision model name (default resnet18)")
+    demo.add_argument("--model", default="resnet18", help=_MODEL_HELP + " (default resnet18)")
     demo.add_argument("--steps", type=_positive, default=4, help="training steps (default 4)")
     demo.add_argument("--batch", type=_positive, default=48, help="samples per step and process (default 48)")
     demo.add_argument("--image-size", type=_positive, default=64, help="input height and width (default 64)")
@@ -60,13 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     inspect = commands.add_parser("inspect", help="the bnfx.explain table of a model or a .pt2 program")
-    inspect.add_argument("model", help="torchvision model name, package.module:factory, or FILE.pt2")
+    inspect.add_argument("model", help=_MODEL_HELP + ", or an exported FILE.pt2")
     _add_options(inspect)
     inspect.add_argument("--eval", action="store_true", help="inspect the model in eval mode")
     inspect.set_defaults(run=_run_inspect)
 
     export = commands.add_parser("export", help="torch.export a model, rewrite it, save it as .pt2")
-    export.add_argument("model", help="torchvision model name or package.module:factory")
+    export.add_argument("model", help=_MODEL_HELP)
     export.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
     _add_options(export)
     export.add_argument(
@@ -126,10 +135,15 @@ def load_model(spec: str, **torchvision_kwargs) -> torch.nn.Module:
     """A torchvision model by name (built with ``torchvision_kwargs``), or ``package.module:factory()``."""
     if ":" in spec:
         module_name, _, factory = spec.partition(":")
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own modules
         try:
-            return getattr(importlib.import_module(module_name), factory)()
-        except (ImportError, AttributeError) as error:
-            raise UsageError(f"bnfx: cannot load model {spec!r}: {error}") from None
+            model = getattr(importlib.import_module(module_name), factory)()
+        except Exception as error:  # noqa: BLE001 - the user's module or factory failed: one line
+            raise UsageError(f"bnfx: cannot load model {spec!r}: {_first_line(error)}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"bnfx: {spec} must return an nn.Module, got {type(model).__name__}")
+        return model
     import torchvision
 
     try:
@@ -148,7 +162,10 @@ def _run_inspect(args) -> None:
         model = _load_program(args.model)
     else:
         model = load_model(args.model).train(not args.eval)
-    print(bnfx.explain(model, **options))
+    try:
+        print(bnfx.explain(model, **options))
+    except TraceError as error:
+        raise UsageError(f"bnfx: {error}") from None
 
 
 def _load_program(path: str):
@@ -160,8 +177,7 @@ def _load_program(path: str):
     try:
         return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a bad argument here
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"bnfx: cannot load {path!r}: {first_line}") from None
+        raise UsageError(f"bnfx: cannot load {path!r}: {_first_line(error)}") from None
     finally:
         export_log.setLevel(level)
 
@@ -170,14 +186,63 @@ def _run_export(args) -> None:
     from bnfx.transform import _rewritten_copy
 
     options = _options(args)
+    _check_output_path(args.output)
     model = load_model(args.model).train(not args.eval)
-    program = torch.export.export(model, (torch.randn(args.input_shape),))
+    _check_input_shape(model, args)
+    try:
+        program = torch.export.export(model, (torch.randn(args.input_shape),))
+    except Exception as error:  # noqa: BLE001 - the exporter's traceback is hundreds of lines
+        raise UsageError(f"bnfx: torch.export cannot export {args.model}: {_first_line(error)}") from None
     if args.decomposed:
         program = program.run_decompositions()
     rewritten, report = _rewritten_copy(program, options)  # one rewrite: the program and its table
     torch.export.save(rewritten, args.output)
     print(report)
     print(f"saved {args.output} (load it after `import bnfx`)")
+
+
+def _check_output_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"bnfx: -o {path}: no such folder: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"bnfx: -o {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"bnfx: -o {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.pt2')}")
+
+
+def _check_input_shape(model: torch.nn.Module, args) -> None:
+    """Run a copy of the model on meta tensors (no arithmetic) to check ``--input-shape``."""
+    shape = ",".join(map(str, args.input_shape))
+    if args.input_shape[0] == 1 and not args.eval and _has_batch_norm(model):
+        raise UsageError(
+            f"bnfx: --input-shape {shape}: a training-mode export needs a batch of 2 samples or more "
+            "(batch norm refuses to normalize a single sample); give N >= 2, or --eval"
+        )
+    if _fails(copy.deepcopy(model).to("meta"), torch.empty(args.input_shape, device="meta")):
+        # meta kernels say less ("Invalid channel dimensions"): torch's message from a real run,
+        # which stops at the first layer that does not fit
+        error = _fails(copy.deepcopy(model), torch.zeros(args.input_shape)) or "the model refuses that shape"
+        raise UsageError(f"bnfx: --input-shape {shape} does not fit {args.model}: {error}")
+
+
+def _fails(model: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """The first line of the error ``model(x)`` raises, or None."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # noqa: BLE001 - any failure means the shape does not fit
+        return _first_line(error)
+    return None
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _run_demo(args) -> None:

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+# Why sync mode runs plain batch norm, as torch's SyncBatchNorm does.
+NO_PROCESS_GROUP = "no initialized process group: plain batch norm"
+NOT_A_MEMBER = "this rank is not in the sync group: plain batch norm"
+ONE_RANK = "sync group of 1 rank: plain batch norm"
+FALLBACKS = (NO_PROCESS_GROUP, NOT_A_MEMBER, ONE_RANK)
+
 # (parent group name, block size) -> the communicator bnfx uses, created once per process.
 _communicators: dict[tuple[str, int], dist.ProcessGroup] = {}
 
@@ -30,14 +36,14 @@ def sync_group(sync, group_size: int | None, *, create: bool = True) -> tuple[Sy
     so one rank alone may call it.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return None, "no initialized process group: plain batch norm"
+        return None, NO_PROCESS_GROUP
     if type(sync) is int and sync == dist.GroupMember.NON_GROUP_MEMBER:  # new_group() off its ranks
-        return None, "this rank is not in the sync group: plain batch norm"
+        return None, NOT_A_MEMBER
     group = _named_group(sync)
     ranks = dist.get_process_group_ranks(group)
     size = group_size or len(ranks)
     if size == 1:
-        return None, "sync group of 1 rank: plain batch norm"
+        return None, ONE_RANK
     if len(ranks) % size:
         raise ValueError(
             f"group_size must divide the number of ranks in the sync group, got group_size={group_size} "

@@ -12,6 +12,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfx.passes.report import EVAL_MODE
 from bnfx.passes.sites import FUNCTIONAL_STATE_FORMS, BatchNormSite
 
+# Why a site that uses batch statistics stays plain batch norm (``bnfx.explain``'s detail).
+OWN_FORWARD = "{} has its own forward"
+TRAINING_IN_GRAPH = "training flag is computed in the graph"
+MOMENTUM_NONE_WITHOUT_COUNTER = "momentum=None without a num_batches_tracked buffer"
+USES_SAVED_STATISTICS = "the graph uses batch norm's saved statistics"
+REASONS = (OWN_FORWARD, TRAINING_IN_GRAPH, MOMENTUM_NONE_WITHOUT_COUNTER, USES_SAVED_STATISTICS)
+
 
 def unsupported(site: BatchNormSite) -> str | None:
     """Why ``site`` cannot be rewritten into a batch-statistics op, or None when it can.
@@ -23,16 +30,16 @@ def unsupported(site: BatchNormSite) -> str | None:
     if site.form == "call_module":
         forward = type(site.module).forward
         if forward is not _BatchNorm.forward:
-            return f"{type(site.module).__name__} has its own forward"
+            return OWN_FORWARD.format(type(site.module).__name__)
         return None
     if site.training is False:
         return EVAL_MODE
     if site.training is not True:
-        return "training flag is computed in the graph"
+        return TRAINING_IN_GRAPH
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
-        return "momentum=None without a num_batches_tracked buffer"
+        return MOMENTUM_NONE_WITHOUT_COUNTER
     if site.form in FUNCTIONAL_STATE_FORMS and any(_index(user) in (1, 2) for user in site.node.users):
-        return "the graph uses batch norm's saved statistics"
+        return USES_SAVED_STATISTICS
     return None
 
 

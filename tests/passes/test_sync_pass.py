@@ -1,7 +1,6 @@
 """Graph structure of the sync pass, its fallbacks, and freeze: counted by target."""
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +9,9 @@ from torch import fx, nn
 
 import bnfx
 from bnfx.functional import frozen_batch_norm_module, sync_batch_norm_module
+from bnfx.passes import report as report_module
 from bnfx.passes import sync as sync_pass
+from bnfx.process_groups import SyncGroup
 from graph_counts import ThreeForms, count
 from world_of_one import world_of_one
 
@@ -20,8 +21,8 @@ SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
 @pytest.fixture
 def two_ranks(monkeypatch):
     """Graph-structure tests only: the pass sees a group of 2 ranks (the op is never run)."""
-    group = SimpleNamespace(group_name="fake", size=lambda: 2)
-    monkeypatch.setattr(sync_pass, "sync_group", lambda sync, group_size: (group, ""))
+    group = SyncGroup("fake", 2)
+    monkeypatch.setattr(sync_pass, "sync_group", lambda sync, group_size, create: (group, ""))
 
 
 def capture_graph(model, x, **options):
@@ -58,7 +59,7 @@ def test_dynamo_graph_rewrite_replaces_counter_update(two_ranks):
 
 
 def test_without_process_group_sites_stay_plain_and_say_why(monkeypatch, caplog):
-    monkeypatch.setattr(sync_pass, "_logged_fallbacks", set())
+    monkeypatch.setattr(report_module, "_warned", set())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     x = torch.randn(6, 3, 5, 5)
@@ -66,7 +67,8 @@ def test_without_process_group_sites_stay_plain_and_say_why(monkeypatch, caplog)
         gm = bnfx.transform(model, sync=True)
         bnfx.transform(model, sync=True)
     assert count(gm, "1") == 1 and count(gm, SYNC_OP) == 0
-    assert [r.message for r in caplog.records].count("bnfx sync mode: no initialized process group: plain batch norm") == 1
+    expected = "bnfx: 1 batch-norm site stays plain batch norm (no initialized process group: plain batch norm): 1"
+    assert [r.message for r in caplog.records].count(expected) == 1  # once per process
     report = bnfx.explain(model, sync=True)
     assert report.records[0].action == "left alone"
     assert report.records[0].reason == "no initialized process group: plain batch norm"
