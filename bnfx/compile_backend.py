@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import weakref
 from typing import Any, Callable
 
 import torch
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import fx
 
-from bnfx import ddp_frames
+from bnfx import frame_watch
 from bnfx.options import Options, resolve_options
 from bnfx.passes import Report, run_passes
 
 log = logging.getLogger("bnfx")
 _graph_ids = itertools.count()
-_reported_modules: weakref.WeakSet = weakref.WeakSet()
 # The report of every graph the backend compiled in this process, in order: what it did,
 # readable by programs (the log line is for people).
 graph_reports: list[Report] = []
@@ -29,16 +26,16 @@ def backend(**options) -> Callable:
     >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, inner="aot_eager"))
     """
     opts = resolve_options(options, backend=True)
-    ddp_frames.watch()
+    frame_watch.watch()
 
-    @ddp_frames.mark_bnfx_backend
+    @frame_watch.mark_bnfx_backend
     def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any]):
         return _compile(gm, example_inputs, opts)
 
     return bnfx_compile
 
 
-@ddp_frames.mark_bnfx_backend
+@frame_watch.mark_bnfx_backend
 def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
     """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``."""
     opts = resolve_options(dict(options or {}), backend=True)
@@ -46,7 +43,7 @@ def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode: str | None = None):
-    _warn_modules_outside_graph()
+    frame_watch.watch()
     report = run_passes(gm, opts)
     graph_reports.append(report)
     log.info(
@@ -78,29 +75,3 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
     patches = torch._inductor.list_mode_options(mode) if mode else None
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
-
-
-def _warn_modules_outside_graph() -> None:
-    """Name the batch-norm modules that Dynamo runs outside any graph, so no backend sees them.
-
-    torch's ``_BatchNorm.forward`` with ``momentum=None`` calls ``float(num_batches_tracked)``;
-    Dynamo breaks the graph there and runs that module eagerly, as plain batch norm.
-    """
-    from torch._dynamo import symbolic_convert
-
-    tx = getattr(symbolic_convert.tls, "current_tx", None)
-    roots = [v for v in getattr(tx, "f_locals", {}).values() if isinstance(v, nn.Module)]
-    for root in roots:
-        names = []
-        for name, m in root.named_modules():
-            if isinstance(m, _BatchNorm) and m.momentum is None and m not in _reported_modules:
-                _reported_modules.add(m)
-                if m.track_running_stats:
-                    names.append(name)
-        if names:
-            log.warning(
-                "bnfx: batch-norm modules with momentum=None run outside the compiled graph "
-                "(torch.compile breaks the graph at float(num_batches_tracked)) and keep plain "
-                "batch norm: %s. Use bnfx.transform for them, or a float momentum.",
-                ", ".join(names),
-            )

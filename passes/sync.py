@@ -12,7 +12,6 @@ from bnfx.passes.sites import BatchNormSite, match_site
 from bnfx.process_groups import sync_group
 
 
-
 def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
     """Make every training-mode batch-norm site of ``gm`` compute statistics over the sync group.
 

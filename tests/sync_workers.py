@@ -315,3 +315,119 @@ def exported_sync(rank: int, world_size: int, decomposed: bool) -> None:
     torch.testing.assert_close(out, reference(x_all)[mine], **TOL)
     for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         torch.testing.assert_close(module.state_dict()[key], reference.state_dict()[key], **TOL, msg=key)
+
+
+# The forms users write: torch.compile over DDP, whatever the model's structure.
+
+
+def _form(form: str) -> nn.Module:
+    torch.manual_seed(0)
+    if form == "sequential":  # torch's own container: Dynamo skips its forward frame under DDP
+        return nn.Sequential(
+            nn.Conv2d(CHANNELS, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4),
+        )
+    if form == "user":
+        return ThreeBatchNorms()
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def compiled_ddp_forms(rank: int, world_size: int, form: str, inner: str, sizes=(5, 3), steps=2) -> int:
+    """``torch.compile(DDP(model), backend="bnfx", options={"sync": True, ...})``: ``steps`` SGD
+    steps equal steps on the concatenated batch (float64, outputs, input grads, parameters and
+    buffers); returns the batch-norm sites bnfx rewrote."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bnfx import compile_backend
+
+    reference = _form(form).double()
+    model = copy.deepcopy(reference)
+    first = len(compile_backend.graph_reports)
+    options = {"sync": True} if inner == "inductor" else {"sync": True, "inner": inner}
+    compiled = torch.compile(DDP(model), backend="bnfx", options=options)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (compiled, reference)]
+    mine = _rank_slice(list(sizes), rank)
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(20 + step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 8, 8, generator=generator, dtype=torch.float64)
+        x_ref = x_all.clone().requires_grad_()
+        out_ref = reference(x_ref)
+        dy = torch.randn(out_ref.shape, generator=generator, dtype=torch.float64)
+        out_ref.backward(dy)
+        x = x_all[mine].clone().requires_grad_()
+        out = compiled(x)
+        out.backward(dy[mine] * world_size)  # DDP averages: the average is the whole batch's gradient
+        where = f"{form} via torch.compile(DDP), {inner}, step {step}"
+        torch.testing.assert_close(out, out_ref[mine], msg=lambda m: f"{where}: output\n{m}")
+        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, msg=lambda m: f"{where}: input grad\n{m}")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
+        for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+            torch.testing.assert_close(value, expected[name], msg=lambda m: f"{where}: {name}\n{m}")
+    return sum(r.rewritten_count for r in compile_backend.graph_reports[first:])
+
+
+def transformed_ddp_sequential(rank: int, world_size: int) -> None:
+    """``DDP(bnfx.transform(model, sync=True))`` with a top-level nn.Sequential."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    reference = _form("sequential")
+    model = copy.deepcopy(reference)
+    net = DDP(bnfx.transform(model, sync=True))
+    mine = _rank_slice([5, 3], rank)
+    x_all = torch.randn(8, CHANNELS, 8, 8, generator=torch.Generator().manual_seed(4))
+    dy = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
+    out = net(x_all[mine])
+    (out * dy[mine]).sum().mul(world_size).backward()
+    out_ref = reference(x_all)
+    (out_ref * dy).sum().backward()
+    torch.testing.assert_close(out, out_ref[mine], **TOL)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, b_ref, **TOL, msg=name)
+
+
+def dynamic_sync(rank: int, world_size: int, inner: str) -> list[tuple[int, int]]:
+    """``dynamic=True`` sync, batches changing size every step: ``(found, rewritten)`` per graph."""
+    from bnfx import compile_backend
+
+    torch.manual_seed(0)
+    reference = ThreeBatchNorms()
+    model = copy.deepcopy(reference)
+    first = len(compile_backend.graph_reports)
+    compiled = torch.compile(model, backend="bnfx", options={"sync": True, "inner": inner}, dynamic=True)
+    for step, sizes in enumerate([[5, 3], [6, 4], [4, 7]]):
+        generator = torch.Generator().manual_seed(30 + step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 5, 5, generator=generator)
+        dy = torch.randn(sum(sizes), 4, generator=generator)
+        mine = _rank_slice(sizes, rank)
+        x_ref, x = x_all.clone().requires_grad_(), x_all[mine].clone().requires_grad_()
+        out_ref = reference(x_ref)
+        out_ref.backward(dy)
+        out = compiled(x)
+        out.backward(dy[mine])
+        where = f"dynamic=True, {inner}, step {step}, sizes {sizes}"
+        torch.testing.assert_close(out, out_ref[mine], **TOL, msg=lambda m: f"{where}: output\n{m}")
+        torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL, msg=lambda m: f"{where}: input grad\n{m}")
+        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(_sum_over_ranks(p.grad), p_ref.grad, **TOL, msg=lambda m: f"{where}: {name}\n{m}")
+            p.grad, p_ref.grad = None, None
+        for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(b, b_ref, **TOL, msg=lambda m: f"{where}: {name}\n{m}")
+    return [(r.found, r.rewritten_count) for r in compile_backend.graph_reports[first:]]
+
+
+def explain_on_one_rank(rank: int, world_size: int) -> dict[str, object]:
+    """``if rank == 0: print(bnfx.explain(model, sync=True))``: no collective, so no hang."""
+    result = {}
+    if rank == 0:
+        start = time.monotonic()
+        report = bnfx.explain(_form("user"), sync=True)
+        result = {"seconds": time.monotonic() - start, "details": [r.reason for r in report]}
+    dist.barrier()
+    return result

@@ -15,9 +15,9 @@ BNFX = str(Path(sys.executable).parent / "bnfx")
 TESTS = os.path.dirname(__file__)
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, cwd=None):
     env = dict(os.environ, PYTHONPATH=TESTS)  # for package.module:factory models
-    return subprocess.run([BNFX, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([BNFX, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def summary_value(stdout: str, label: str) -> str:
@@ -92,6 +92,14 @@ def test_inspect_exported_program(tmp_path):
         (["export", "resnet18"], "the following arguments are required: -o/--output"),
         (["export", "resnet18", "-o", "x.pt2", "--input-shape", "8,x"], "expected sizes like 32,3,224,224"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["export", "resnet18", "-o", "x.pt2", "--input-shape", "2,4,32,32"],
+         "--input-shape 2,4,32,32 does not fit resnet18: Given groups=1, weight of size [64, 3, 7, 7]"),
+        (["export", "resnet18", "-o", "x.pt2", "--input-shape", "1,3,32,32"],
+         "a training-mode export needs a batch of 2 samples or more"),
+        (["export", "resnet18", "-o", "no_such_folder/x.pt2"], "no such folder"),
+        (["inspect", "cli_models:untraceable"], 'cannot trace DataDependent'),
+        (["inspect", "cli_models:not_a_model"], "cli_models:not_a_model must return an nn.Module, got int"),
+        (["inspect", "cli_models:broken"], "cannot load model 'cli_models:broken': no weights here"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_2(args, message):
@@ -99,3 +107,24 @@ def test_bad_arguments_print_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_untraceable_model_is_told_to_use_torch_compile():
+    result = run("inspect", "cli_models:untraceable", timeout=120)
+    assert 'torch.compile(model, backend="bnfx"' in result.stderr, result.stderr
+
+
+def test_a_factory_in_the_current_directory(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))\n"
+    )
+    result = run("inspect", "mymodels:make", "--ghost-batch-size", "4", timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 batch-norm sites, 1 rewritten" in result.stdout
+
+
+def test_demo_help_says_what_model_accepts():
+    result = run("demo", "--help", timeout=120)
+    assert "torchvision" in result.stdout and "package.module:factory" in result.stdout

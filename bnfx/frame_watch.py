@@ -1,6 +1,13 @@
-"""Batch norms in torch's own containers under DDP: make Dynamo compile the container's frame.
+"""What bnfx does when Dynamo starts compiling a frame for it: find batch norms no graph will show.
 
-``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks the graph and
+Dynamo calls a backend with the graphs it captured; batch norms that run outside every graph
+never reach it. When Dynamo starts compiling a frame for a bnfx backend (a compile-start
+callback), bnfx looks at the modules that frame holds:
+
+- momentum=None: torch's ``_BatchNorm.forward`` calls ``float(num_batches_tracked)``, Dynamo
+  breaks the graph there and runs the module eagerly, as plain batch norm: a WARNING names
+  those modules (compile ``bnfx.transform(model)`` instead, which has no such call).
+- DDP: ``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks the graph and
 runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward`` context. Dynamo then
 compiles the inner module's ``forward`` as a frame of its own, with the bnfx backend, only
 when that code is not torch's: a user-defined class or a torchvision model reaches bnfx, but
@@ -25,8 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger("bnfx")
-_watching = False
 _opened: weakref.WeakSet = weakref.WeakSet()
+_reported: weakref.WeakSet = weakref.WeakSet()
 
 
 def mark_bnfx_backend(fn):
@@ -36,13 +43,12 @@ def mark_bnfx_backend(fn):
 
 
 def watch() -> None:
-    """Start watching Dynamo's compiles (once per process; Dynamo must be imported)."""
-    global _watching
-    if not _watching:
-        import torch._dynamo
+    """Watch Dynamo's compiles from now on (registered once; ``torch._dynamo.reset()`` clears
+    it, and the next bnfx compile, ``bnfx.backend`` call or entry-point load registers it again)."""
+    import torch._dynamo
 
+    if _on_compile_start not in torch._dynamo.callback_handler.start_callbacks:
         torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
-        _watching = True
 
 
 def _on_compile_start(_args) -> None:
@@ -50,6 +56,7 @@ def _on_compile_start(_args) -> None:
         frame = _frame_compiled_by_bnfx()
         if frame is not None:
             for module in _modules_in(frame.f_locals.values()):
+                _warn_momentum_none(module)
                 _open_inner_frames(module)
     except Exception:  # noqa: BLE001 - a watcher must never break a compile
         log.debug("bnfx: could not inspect the frame Dynamo compiles", exc_info=True)
@@ -93,3 +100,18 @@ def _open_inner_frames(root: nn.Module) -> None:
 
 def _compile_this_forward(module, args) -> None:
     """Does nothing: its presence makes Dynamo compile the module's forward frame."""
+
+
+def _warn_momentum_none(root: nn.Module) -> None:
+    names = []
+    for name, m in root.named_modules():
+        if isinstance(m, _BatchNorm) and m.momentum is None and m.track_running_stats and m not in _reported:
+            _reported.add(m)
+            names.append(name)
+    if names:
+        log.warning(
+            "bnfx: batch-norm modules with momentum=None run outside the compiled graph "
+            "(torch.compile breaks the graph at float(num_batches_tracked)) and keep plain "
+            "batch norm: %s. Use bnfx.transform for them, or a float momentum.",
+            ", ".join(names),
+        )
