@@ -7,16 +7,15 @@ callback), bnfx looks at the modules that frame holds:
 - momentum=None: torch's ``_BatchNorm.forward`` calls ``float(num_batches_tracked)``, Dynamo
   breaks the graph there and runs the module eagerly, as plain batch norm: a WARNING names
   those modules (compile ``bnfx.transform(model)`` instead, which has no such call).
-- DDP: ``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks the graph and
-runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward`` context. Dynamo then
-compiles the inner module's ``forward`` as a frame of its own, with the bnfx backend, only
-when that code is not torch's: a user-defined class or a torchvision model reaches bnfx, but
-``nn.Sequential.forward`` is skipped and its batch norms would run as plain batch norm, with
-no graph for bnfx to see. Dynamo does compile the forward frame of a torch module that has
-forward hooks (``torch._dynamo.trace_rules.check_verbose``). So when Dynamo starts compiling
-a frame for a bnfx backend, every DDP module that frame holds whose inner module is torch's
-own and contains batch norm gets a forward pre-hook that changes nothing: from then on its
-forward is a frame Dynamo compiles, in the same first step, and bnfx rewrites its sites.
+- DDP: ``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks
+  the graph and runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward``
+  context. Dynamo then compiles the inner module's ``forward`` as a frame of its own only
+  when that code is not torch's: a user-defined class or a torchvision model reaches bnfx,
+  but ``nn.Sequential.forward`` is skipped, and its batch norms would run plain, in no graph.
+  Dynamo does compile the forward frame of a torch module that has forward hooks
+  (``torch._dynamo.trace_rules.check_verbose``): such an inner module that contains batch
+  norm gets a forward pre-hook that changes nothing, and from then on (the same first step)
+  its forward is a frame Dynamo compiles for bnfx.
 """
 
 from __future__ import annotations
