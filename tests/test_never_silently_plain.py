@@ -219,3 +219,17 @@ def test_an_untraceable_model_is_told_which_doors_work():
         bnfx.transform(DataDependent(), ghost_batch_size=2)
     assert 'torch.compile(model, backend="bnfx"' in str(error.value)
     assert "torch.export.export" in str(error.value)
+
+
+def test_ghost_under_ddp_reaches_a_top_level_sequential():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    reference = composer_model(model, 4)
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    with world_of_one():
+        compiled = torch.compile(DDP(model), backend="bnfx", options={"ghost_batch_size": 4, "inner": "aot_eager"})
+        out = compiled(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
+    assert model[1].num_batches_tracked.item() == 3  # chunks of 4, 4 and 2
