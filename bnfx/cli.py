@@ -20,6 +20,8 @@ import sys
 import torch
 from torch.fx.proxy import TraceError
 
+from bnfx.messages import first_line
+
 
 class UsageError(Exception):
     """A bad command-line argument: one line on stderr, exit code 2."""
@@ -140,7 +142,7 @@ def load_model(spec: str, **torchvision_kwargs) -> torch.nn.Module:
         try:
             model = getattr(importlib.import_module(module_name), factory)()
         except Exception as error:  # noqa: BLE001 - the user's module or factory failed: one line
-            raise UsageError(f"bnfx: cannot load model {spec!r}: {_first_line(error)}") from None
+            raise UsageError(f"bnfx: cannot load model {spec!r}: {first_line(error)}") from None
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"bnfx: {spec} must return an nn.Module, got {type(model).__name__}")
         return model
@@ -177,7 +179,7 @@ def _load_program(path: str):
     try:
         return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a bad argument here
-        raise UsageError(f"bnfx: cannot load {path!r}: {_first_line(error)}") from None
+        raise UsageError(f"bnfx: cannot load {path!r}: {first_line(error)}") from None
     finally:
         export_log.setLevel(level)
 
@@ -192,7 +194,7 @@ def _run_export(args) -> None:
     try:
         program = torch.export.export(model, (torch.randn(args.input_shape),))
     except Exception as error:  # noqa: BLE001 - the exporter's traceback is hundreds of lines
-        raise UsageError(f"bnfx: torch.export cannot export {args.model}: {_first_line(error)}") from None
+        raise UsageError(f"bnfx: torch.export cannot export {args.model}: {first_line(error)}") from None
     if args.decomposed:
         program = program.run_decompositions()
     rewritten, report = _rewritten_copy(program, options)  # one rewrite: the program and its table
@@ -232,17 +234,12 @@ def _fails(model: torch.nn.Module, x: torch.Tensor) -> str | None:
         with torch.no_grad():
             model(x)
     except Exception as error:  # noqa: BLE001 - any failure means the shape does not fit
-        return _first_line(error)
+        return first_line(error)
     return None
 
 
 def _has_batch_norm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _run_demo(args) -> None:

@@ -10,6 +10,7 @@ from torch.fx.proxy import TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.export import transform_exported
+from bnfx.messages import first_line
 from bnfx.options import resolve_options
 from bnfx.passes import Report, run_passes
 
@@ -39,9 +40,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _BatchNormLeafTracer().trace(model)
     except Exception as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TraceError(
-            f"bnfx.transform cannot trace {type(model).__name__} with torch.fx.symbolic_trace: {cause}. "
+            f"bnfx.transform cannot trace {type(model).__name__} with torch.fx.symbolic_trace: "
+            f"{first_line(error)}. "
             "Models with data-dependent control flow or untraceable calls work through "
             'torch.compile(model, backend="bnfx", options={...}) or '
             "bnfx.transform(torch.export.export(model, (x,)), ...)"
