@@ -7,27 +7,28 @@ its own mean and biased variance. The running statistics end where Composer's se
 per-chunk updates end (momentum / nchunks per chunk, unbiased variance), computed in closed
 form; with ``momentum=None`` every chunk counts as one batch of the cumulative average.
 
-Two kernels, neither with a Python loop over chunks:
+Three kernels, none with a Python loop over chunks, chosen by the dispatcher:
 
-- contiguous fp32/fp64 CPU input: C++ (``csrc/batch_norm_cpu.cpp``), which reduces and
-  normalizes each (chunk, channel) while it is in cache;
-- everything else (other devices, layouts, dtypes): PyTorch ops on views of the input,
+- the default body, any device, layout and dtype: PyTorch ops on views of the input,
   ``[nchunks, chunk_size, C, ...]`` for the equal chunks and ``[1, last, C, ...]`` for a
-  shorter last one, with no copy of the input and one full-size allocation per direction.
+  shorter last one, with no copy of the input and one full-size allocation per direction;
+- CPU, contiguous fp32/fp64 input: C++ (``csrc/batch_norm_cpu.cpp``), which reduces and
+  normalizes each (chunk, channel) while it is in cache;
+- CUDA, fp32/fp16/bf16 input: Triton (``triton/``), one launch for all nchunks x C
+  statistics.
 
 Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which it fuses.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from bnfx.ops import cpu_kernels
-from bnfx.ops.autograd_outputs import batch_norm_input_grads
-
-
-_cpu_kernels = cpu_kernels.load()
+from bnfx.ops import batch_norm_contract as contract
+from bnfx.ops import device_kernels
 
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
@@ -45,15 +46,10 @@ def ghost_chunk_count(batch: int, ghost_batch_size: int) -> int:
     return (batch + ghost_batch_size - 1) // ghost_batch_size
 
 
-def _stat_dtype(input: Tensor) -> torch.dtype:
-    return torch.promote_types(input.dtype, torch.float32)
-
-
 def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, num_batches_tracked):
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    contract.check_args(input, running_mean, momentum, num_batches_tracked)
     if input.shape[0] == 0:
         raise ValueError("input must have a non-empty batch dimension, got batch size 0")
     chunk_size, _, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
@@ -65,8 +61,6 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
             f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
             f"ghost_batch_size whose last ghost batch has 2 samples or more"
         )
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
 
 
 def _concrete(size) -> int:
@@ -151,29 +145,68 @@ def _new_running_stats(
 
 def _forward_views(input, weight, bias, ghost_batch_size, eps):
     """Any device, layout and dtype: ``(out, save_mean, save_invstd, unbiased_var)``."""
-    dtype = _stat_dtype(input)
+    dtype = contract.stat_dtype(input)
     out = torch.empty_like(input)
-    bias_view = None if bias is None else bias.view((-1,) + (1,) * (input.dim() - 2))
     means, invstds, unbiased_vars = [], [], []
     for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
         size = _values_per_channel(x)
-        mean = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
-        torch.sub(x, _broadcast(mean, x), out=y)  # y holds x - mean for now
-        biased_var = _chunk_squares(y, dtype).div_(size)
+        # Center on an estimate, then take the statistics of the centered values: a mean
+        # rounded to the input dtype is only a shift here, never the mean itself.
+        estimate = _chunk_sums(x, dtype).div_(size).to(input.dtype)  # [chunks, C]
+        torch.sub(x, _broadcast(estimate, x), out=y)  # y holds x - estimate for now
+        offset = _chunk_sums(y, dtype).div_(size)  # [chunks, C], the mean of x - estimate
+        biased_var = (_chunk_squares(y, dtype).div_(size) - offset.square()).clamp_(min=0)
         invstd = torch.rsqrt(biased_var + eps)
-        scale = _broadcast(invstd if weight is None else invstd * weight, x)
-        if bias_view is None:
-            y.mul_(scale)
-        else:
-            torch.addcmul(bias_view, y, scale, out=y)
-        means.append(mean)
+        scale = invstd if weight is None else invstd * weight
+        # out = (y - offset) scale + bias, with no cancellation: y and offset are small
+        shift = -offset * scale
+        if bias is not None:
+            shift = shift + bias.to(dtype)
+        torch.addcmul(_broadcast(shift, x), y, _broadcast(scale, x), out=y)
+        means.append(estimate.to(dtype) + offset)
         invstds.append(invstd)
         unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
     return out, _cat(means), _cat(invstds), _cat(unbiased_vars)
 
 
-def _uses_fused_cpu(input: Tensor) -> bool:
-    return cpu_kernels.handles(_cpu_kernels, input)
+def _forward_cpu(input, weight, bias, ghost_batch_size, eps):
+    """The C++ kernel where it takes the input, else the views."""
+    if not device_kernels.cpu_extension_takes(input):
+        return _forward_views(input, weight, bias, ghost_batch_size, eps)
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    return device_kernels.cpu_extension().forward(input, weight, bias, chunk_size, eps)
+
+
+def _chunk_counts(input: Tensor, chunk_size: int, ghost_batch_size: int) -> Tensor:
+    """[nchunks, 1] float64 values per channel of each chunk, built on the device (no copy)."""
+    _, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
+    per_sample = input[0, 0].numel()
+    counts = input.new_full((equal + (last > 0), 1), chunk_size * per_sample, dtype=torch.float64)
+    if last:
+        counts[-1] = last * per_sample
+    return counts
+
+
+def _forward_triton(input, weight, bias, ghost_batch_size, eps):
+    """CUDA, fp32/fp16/bf16 input: Triton statistics and normalization, else the views."""
+    triton = device_kernels.triton_launchers()
+    if input.dtype not in device_kernels.TRITON_DTYPES:
+        return _forward_views(input, weight, bias, ghost_batch_size, eps)
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    mean, m2 = triton.moments(input, chunk_size)  # [nchunks, C] float64
+    counts = _chunk_counts(input, chunk_size, ghost_batch_size)
+    invstd = torch.rsqrt(m2 / counts + eps).float()
+    scale = invstd if weight is None else invstd * weight.float()
+    out = triton.normalize(input, mean, scale, None if bias is None else bias.float(), chunk_size)
+    return out, mean.float(), invstd, (m2 / (counts - 1)).float()
+
+
+def _ghost_batch_norm(forward, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                      ghost_batch_size, momentum, eps):
+    _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
+    out, save_mean, save_invstd, unbiased = forward(input, weight, bias, ghost_batch_size, eps)
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
+    return (out, *state, save_mean, save_invstd)
 
 
 @torch.library.custom_op("bnfx::ghost_batch_norm", mutates_args=())
@@ -194,33 +227,19 @@ def ghost_batch_norm(
     save_invstd)``; the state outputs are empty when the matching input is None, and
     ``save_mean``/``save_invstd`` are ``[nchunks, C]`` for the backward.
     """
-    _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
-    if _uses_fused_cpu(input):
-        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-        out, save_mean, save_invstd, unbiased = _cpu_kernels.forward(input, weight, bias, chunk_size, eps)
-    else:
-        out, save_mean, save_invstd, unbiased = _forward_views(input, weight, bias, ghost_batch_size, eps)
-    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
-    return (out, *state, save_mean, save_invstd)
+    return _ghost_batch_norm(
+        _forward_views, input, weight, bias, running_mean, running_var, num_batches_tracked,
+        ghost_batch_size, momentum, eps,
+    )
 
 
 @ghost_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
     nchunks = ghost_chunk_count(input.shape[0], ghost_batch_size)
-    stats = input.new_empty((nchunks, input.shape[1]), dtype=_stat_dtype(input))
-
-    def like(state):
-        return input.new_empty(0) if state is None else torch.empty_like(state)
-
-    return (
-        torch.empty_like(input),
-        like(running_mean),
-        like(running_var),
-        like(num_batches_tracked),
-        stats,
-        torch.empty_like(stats),
-    )
+    stats = input.new_empty((nchunks, input.shape[1]), dtype=contract.stat_dtype(input))
+    state = contract.fake_state(input, running_mean, running_var, num_batches_tracked)
+    return (torch.empty_like(input), *state, stats, torch.empty_like(stats))
 
 
 def _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd):
@@ -233,7 +252,7 @@ def _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_
 
 def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
     """Any device, layout and dtype: ``(grad_input, sum_dy, sum_dy_xmu)``, sums [nchunks, C]."""
-    dtype = _stat_dtype(input)
+    dtype = contract.stat_dtype(input)
     grad_input = torch.empty_like(input)
     start, sums_dy, sums_dy_xmu = 0, [], []
     segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
@@ -256,6 +275,32 @@ def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch
     return grad_input, _cat(sums_dy), _cat(sums_dy_xmu)
 
 
+def _backward_cpu(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+    if not device_kernels.cpu_extension_takes(input):
+        return _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    return device_kernels.cpu_extension().backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
+
+
+def _backward_triton(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+    triton = device_kernels.triton_launchers()
+    if input.dtype not in device_kernels.TRITON_DTYPES:
+        return _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    sum_dy, sum_dy_xmu = triton.backward_sums(grad_out, input, save_mean, chunk_size)  # [nchunks, C]
+    counts = _chunk_counts(input, chunk_size, ghost_batch_size).float()
+    # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))) = a dy - k (x - mean) + c
+    a = save_invstd if weight is None else save_invstd * weight.float()
+    k = a * save_invstd.square() * sum_dy_xmu / counts
+    c = -a * sum_dy / counts
+    return triton.backward_input(grad_out, input, save_mean, a, k, c, chunk_size), sum_dy, sum_dy_xmu
+
+
+def _ghost_batch_norm_backward(backward, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    grad_input, sum_dy, sum_dy_xmu = backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+    return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
+
+
 @torch.library.custom_op("bnfx::ghost_batch_norm_backward", mutates_args=())
 def ghost_batch_norm_backward(
     grad_out: Tensor,
@@ -270,42 +315,29 @@ def ghost_batch_norm_backward(
 
     ``grad_weight`` and ``grad_bias`` are empty when ``weight`` is None.
     """
-    if _uses_fused_cpu(input):
-        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-        grad_input, sum_dy, sum_dy_xmu = _cpu_kernels.backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
-    else:
-        grad_input, sum_dy, sum_dy_xmu = _backward_views(
-            grad_out, input, weight, save_mean, save_invstd, ghost_batch_size
-        )
-    return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
+    return _ghost_batch_norm_backward(
+        _backward_views, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps
+    )
 
 
 @ghost_batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
-    if weight is None:
-        return torch.empty_like(input), input.new_empty(0), input.new_empty(0)
-    return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
+    return contract.fake_input_grads(input, weight)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, *_state, ghost_batch_size, _momentum, eps = inputs
-    _out, new_mean, new_var, new_tracked, save_mean, save_invstd = output
-    ctx.mark_non_differentiable(new_mean, new_var, new_tracked, save_mean, save_invstd)
-    ctx.save_for_backward(input, weight, save_mean, save_invstd)
-    ctx.ghost_batch_size = ghost_batch_size
-    ctx.eps = eps
-    ctx.has_bias = bias is not None
+contract.register_autograd(ghost_batch_norm, torch.ops.bnfx.ghost_batch_norm_backward, ("ghost_batch_size", "eps"))
 
-
-def _backward(ctx, grad_out, *_state_grads):
-    input, weight, save_mean, save_invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.bnfx.ghost_batch_norm_backward(
-        grad_out, input, weight, save_mean, save_invstd, ctx.ghost_batch_size, ctx.eps
+# Device kernels: the same op around each device's forward and backward.
+if device_kernels.cpu_extension() is not None:
+    device_kernels.register(ghost_batch_norm, "cpu", functools.partial(_ghost_batch_norm, _forward_cpu))
+    device_kernels.register(
+        ghost_batch_norm_backward, "cpu", functools.partial(_ghost_batch_norm_backward, _backward_cpu)
     )
-    return batch_norm_input_grads(grad_input, grad_weight, grad_bias, weight, ctx.has_bias, other_inputs=6)
-
-
-ghost_batch_norm.register_autograd(_backward, setup_context=_setup_context)
+if device_kernels.triton_launchers() is not None:
+    device_kernels.register(ghost_batch_norm, "cuda", functools.partial(_ghost_batch_norm, _forward_triton))
+    device_kernels.register(
+        ghost_batch_norm_backward, "cuda", functools.partial(_ghost_batch_norm_backward, _backward_triton)
+    )
 
 
 # Decompositions into primitive ops, for compilers that fuse them (inductor): the same
@@ -316,7 +348,7 @@ ghost_batch_norm.register_autograd(_backward, setup_context=_setup_context)
 def ghost_batch_norm_decomposition(
     input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
 ):
-    dtype = _stat_dtype(input)
+    dtype = contract.stat_dtype(input)
     spatial = (1,) * (input.dim() - 2)
     outs, means, invstds, unbiased_vars = [], [], [], []
     for x in _segments(input, ghost_batch_size):
@@ -338,7 +370,7 @@ def ghost_batch_norm_decomposition(
 
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
-    dtype = _stat_dtype(input)
+    dtype = contract.stat_dtype(input)
     grads, start, sums_dy, sums_dy_xmu = [], 0, [], []
     for dy, x in zip(_segments(grad_out, ghost_batch_size), _segments(input, ghost_batch_size)):
         chunks, size = x.shape[0], _values_per_channel(x)

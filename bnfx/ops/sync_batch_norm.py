@@ -5,8 +5,9 @@ uneven and empty batches included. The group travels by name (``group.group_name
 
 Statistics, one all-reduce of ``2 C + 1`` float64 values per forward:
 
-1. each rank computes its count n, mean m and sum of squared deviations M2 (in float64 on
-   CPU, C++; Welford in the statistics dtype elsewhere);
+1. each rank computes its count n, mean m and sum of squared deviations M2 per channel,
+   in float64 (C++ on CPU, Triton's float64 merge of shifted fp32 partials on CUDA,
+   torch.var_mean in the statistics dtype elsewhere);
 2. it turns them into sums shifted by K, the running mean (identical on every rank, and
    close to the batch mean once training has started; 0 without running statistics):
    ``[n, n (m - K), M2 + n (m - K)^2]`` in float64;
@@ -17,60 +18,141 @@ spread (1e4 + 1e-2 randn: every digit cancels); shifting and float64 keep it. Co
 tensors throughout: no ``.item()``, no host synchronization, and an empty rank contributes
 zeros. The backward all-reduces ``[sum(dy), sum(dy * x_hat)]`` (2 C values) once.
 
-Normalization and the backward's reductions run on torch's own fused batch-norm kernels
-(eval-mode forms, fed the global statistics), so channels_last, reduced precision and CUDA
-take the same path; the input gradient is one C++ pass for contiguous fp32/fp64 CPU input,
-PyTorch ops otherwise.
+The collectives are the op's own, on every device (gloo for CPU tensors, NCCL for CUDA);
+the local work around them is each device's (``_LocalKernels`` and its subclasses),
+chosen by the dispatcher. The default body normalizes with torch's own fused eval-mode
+kernels fed the global statistics, so any layout, dtype and device takes it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bnfx.ops import cpu_kernels
-from bnfx.ops.autograd_outputs import batch_norm_input_grads
-
-_cpu_kernels = cpu_kernels.load()
-
-
-def _stat_dtype(input: Tensor) -> torch.dtype:
-    return torch.promote_types(input.dtype, torch.float32)
+from bnfx.ops import batch_norm_contract as contract
+from bnfx.ops import device_kernels
 
 
 def _reduced_dims(input: Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, input.dim()))
 
 
-def _check_args(input: Tensor, running_mean, momentum, num_batches_tracked):
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
-
-
 def _group(group_name: str):
     return dist.distributed_c10d._resolve_process_group(group_name)
 
 
-def _local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mean, M2)`` per channel in float64: this rank's mean and sum of squared deviations."""
-    if cpu_kernels.handles(_cpu_kernels, input):
-        return _cpu_kernels.moments(input)
-    count = input.numel() // input.shape[1]
-    if count == 0:  # a shape, known on the host: no synchronization
-        zeros = input.new_zeros(input.shape[1], dtype=torch.float64)
-        return zeros, zeros
-    var, mean = torch.var_mean(input.to(_stat_dtype(input)), _reduced_dims(input), correction=0)
-    return mean.double(), var.double() * count
+def _channel_view(per_channel: Tensor, input: Tensor) -> Tensor:
+    """[C] -> [C, 1, ...], to broadcast against ``input``."""
+    return per_channel.view((-1,) + (1,) * (input.dim() - 2))
 
 
-def _global_moments(input: Tensor, shift: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+class _LocalKernels:
+    """A rank's local work, any device, layout and dtype: PyTorch ops."""
+
+    @staticmethod
+    def moments(input: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, M2)`` [C] float64 of a non-empty batch."""
+        var, mean = torch.var_mean(input.to(contract.stat_dtype(input)), _reduced_dims(input), correction=0)
+        return mean.double(), var.double() * (input.numel() // input.shape[1])
+
+    @staticmethod
+    def normalize(input, mean, var, weight, bias, eps):
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` with the group's float64 statistics."""
+        dtype = contract.stat_dtype(input)
+        offset = mean
+        if input.dtype == torch.float32:
+            # Torch's eval kernel computes x * scale + (bias - mean * scale), which cancels when
+            # the mean is large against the spread: center on the mean's float32 rounding
+            # first, and normalize the rest (what is left of the mean is small).
+            estimate = mean.to(dtype)
+            input = input - _channel_view(estimate, input)
+            offset = mean - estimate.double()
+        weight, bias = (None if p is None else p.to(dtype) for p in (weight, bias))
+        return torch.ops.aten._native_batch_norm_legit_no_training(
+            input, weight, bias, offset.to(dtype), var.to(dtype), 0.0, eps
+        )[0]
+
+    @staticmethod
+    def grad_sums(grad_out, input, save_mean, save_var, eps):
+        """``(sum(dy), sum(dy * x_hat))`` [C] of a non-empty batch."""
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, input, None, save_mean, save_var, None, None, False, eps, [False, True, True]
+        )
+        return sum_dy, sum_dy_xhat
+
+    @staticmethod
+    def grad_input(grad_out, input, save_mean, a, k, c):
+        """``a dy - k (x - mean) + c`` with per-channel coefficients."""
+        centered = input.to(contract.stat_dtype(input)) - _channel_view(save_mean, input)
+        grad_input = torch.addcmul(_channel_view(c, input), centered, _channel_view(k, input), value=-1)
+        return grad_input.addcmul_(grad_out, _channel_view(a, input)).to(input.dtype)
+
+
+class _CpuKernels(_LocalKernels):
+    """CPU: the C++ statistics (float64) and input gradient for contiguous fp32/fp64 input."""
+
+    @staticmethod
+    def moments(input):
+        if not device_kernels.cpu_extension_takes(input):
+            return _LocalKernels.moments(input)
+        return device_kernels.cpu_extension().moments(input)
+
+    @staticmethod
+    def grad_input(grad_out, input, save_mean, a, k, c):
+        if not (device_kernels.cpu_extension_takes(input) and grad_out.dtype == input.dtype):
+            return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
+        return device_kernels.cpu_extension().affine_grad(grad_out, input, a, k, c + k * save_mean)
+
+
+class _TritonKernels(_LocalKernels):
+    """CUDA, fp32/fp16/bf16 input: the Triton kernels, the batch as one chunk."""
+
+    @staticmethod
+    def moments(input):
+        if input.dtype not in device_kernels.TRITON_DTYPES:
+            return _LocalKernels.moments(input)
+        mean, m2 = device_kernels.triton_launchers().moments(input, input.shape[0])
+        return mean[0], m2[0]
+
+    @staticmethod
+    def normalize(input, mean, var, weight, bias, eps):
+        if input.dtype not in device_kernels.TRITON_DTYPES:
+            return _LocalKernels.normalize(input, mean, var, weight, bias, eps)
+        scale = torch.rsqrt(var + eps).float()
+        scale = scale if weight is None else scale * weight.float()
+        shift = None if bias is None else bias.float()
+        return device_kernels.triton_launchers().normalize(input, mean[None], scale[None], shift, max(input.shape[0], 1))
+
+    @staticmethod
+    def grad_sums(grad_out, input, save_mean, save_var, eps):
+        if input.dtype not in device_kernels.TRITON_DTYPES:
+            return _LocalKernels.grad_sums(grad_out, input, save_mean, save_var, eps)
+        sum_dy, sum_dy_xmu = device_kernels.triton_launchers().backward_sums(
+            grad_out, input, save_mean[None], input.shape[0]
+        )
+        return sum_dy[0], sum_dy_xmu[0] * torch.rsqrt(save_var + eps)
+
+    @staticmethod
+    def grad_input(grad_out, input, save_mean, a, k, c):
+        if input.dtype not in device_kernels.TRITON_DTYPES:
+            return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
+        coefficients = (t.float()[None] for t in (a, k, c))
+        return device_kernels.triton_launchers().backward_input(
+            grad_out, input, save_mean[None], *coefficients, max(input.shape[0], 1)
+        )
+
+
+def _global_moments(local, input: Tensor, shift: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, biased_var, count)`` over the group, float64; one all-reduce."""
     channels = input.shape[1]
     count = input.numel() // channels
-    mean, m2 = _local_moments(input)
+    if count == 0:  # a shape, known on the host: no synchronization
+        mean = m2 = input.new_zeros(channels, dtype=torch.float64)
+    else:
+        mean, m2 = local.moments(input)
     offset = mean - shift
     sums = torch.cat([offset.new_full((1,), count), offset * count, m2 + offset * offset * count])
     dist.all_reduce(sums, group=group)
@@ -100,6 +182,22 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
     return new_mean, new_var, new_tracked
 
 
+def _sync_batch_norm(local, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                     group_name):
+    contract.check_args(input, running_mean, momentum, num_batches_tracked)
+    channels = input.shape[1]
+    shift = (
+        running_mean.detach().double()
+        if running_mean is not None
+        else input.new_zeros(channels, dtype=torch.float64)
+    )
+    mean, var, total = _global_moments(local, input, shift, _group(group_name))
+    state = _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum)
+    out = local.normalize(input, mean, var, weight, bias, eps)
+    dtype = contract.stat_dtype(input)
+    return (out, *state, mean.to(dtype), var.to(dtype), total)
+
+
 @torch.library.custom_op("bnfx::sync_batch_norm", mutates_args=())
 def sync_batch_norm(
     input: Tensor,
@@ -119,38 +217,35 @@ def sync_batch_norm(
     ``save_mean`` and ``save_var`` (biased) are the group's statistics [C], ``count`` [1] the
     number of values per channel over the group, all three for the backward.
     """
-    _check_args(input, running_mean, momentum, num_batches_tracked)
-    channels = input.shape[1]
-    shift = (
-        running_mean.detach().double()
-        if running_mean is not None
-        else input.new_zeros(channels, dtype=torch.float64)
+    return _sync_batch_norm(
+        _LocalKernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
     )
-    mean, var, total = _global_moments(input, shift, _group(group_name))
-    state = _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum)
-    save_mean, save_var = mean.to(_stat_dtype(input)), var.to(_stat_dtype(input))
-    weight, bias = (None if p is None else p.to(save_mean.dtype) for p in (weight, bias))
-    out = torch.ops.aten._native_batch_norm_legit_no_training(input, weight, bias, save_mean, save_var, 0.0, eps)[0]
-    return (out, *state, save_mean, save_var, total)
 
 
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
-    _check_args(input, running_mean, momentum, num_batches_tracked)
-    stats = input.new_empty(input.shape[1], dtype=_stat_dtype(input))
+    contract.check_args(input, running_mean, momentum, num_batches_tracked)
+    stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
+    state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
+    return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
 
-    def like(state):
-        return input.new_empty(0, dtype=torch.float64) if state is None else torch.empty_like(state)
 
-    return (
-        torch.empty_like(input),
-        like(running_mean),
-        like(running_var),
-        like(num_batches_tracked),
-        stats,
-        torch.empty_like(stats),
-        input.new_empty(1, dtype=torch.float64),
-    )
+def _sync_batch_norm_backward(local, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+    if input.numel() == 0:  # torch's kernel divides by the batch size
+        sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
+    else:
+        sum_dy, sum_dy_xhat = local.grad_sums(grad_out, input, save_mean, save_var, eps)
+    sums = torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
+    dist.all_reduce(sums, group=_group(group_name))
+    # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
+    # the group, written as dx = a dy - k (x - mean) + c with per-channel a, k, c.
+    invstd = torch.rsqrt(save_var + eps)
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    mean_dy, mean_dy_xhat = sums / count.to(sums.dtype)
+    grad_input = local.grad_input(grad_out, input, save_mean, a, a * invstd * mean_dy_xhat, -a * mean_dy)
+    if weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
 
 
 @torch.library.custom_op("bnfx::sync_batch_norm_backward", mutates_args=())
@@ -169,57 +264,23 @@ def sync_batch_norm_backward(
     ``grad_weight`` and ``grad_bias`` are this rank's share (data-parallel training sums or
     averages them over ranks); empty when ``weight`` is None. One all-reduce of 2 C values.
     """
-    if input.numel() == 0:  # torch's kernel divides by the batch size
-        sum_dy_xhat, sum_dy = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
-    else:
-        # torch's mixed-precision kernels take fp16/bf16 input with fp32 parameters
-        stat_weight = None if weight is None else weight.to(save_mean.dtype)
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, input, stat_weight, save_mean, save_var, None, None, False, eps, [False, True, True]
-        )
-    sums = torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
-    dist.all_reduce(sums, group=_group(group_name))
-    # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
-    # the group, written as dx = a dy - k x + c with per-channel a, k, c.
-    invstd = torch.rsqrt(save_var + eps)
-    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    mean_dy, mean_dy_xhat = sums / count.to(sums.dtype)
-    k = a * invstd * mean_dy_xhat
-    c = k * save_mean - a * mean_dy
-    if cpu_kernels.handles(_cpu_kernels, input) and grad_out.dtype == input.dtype:
-        grad_input = _cpu_kernels.affine_grad(grad_out, input, a, k, c)
-    else:
-        view = (-1,) + (1,) * (input.dim() - 2)
-        grad_input = torch.addcmul(c.view(view), input, k.view(view), value=-1).addcmul_(grad_out, a.view(view))
-        grad_input = grad_input.to(input.dtype)
-    if weight is None:
-        return grad_input, input.new_empty(0), input.new_empty(0)
-    return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
+    return _sync_batch_norm_backward(
+        _LocalKernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name
+    )
 
 
 @sync_batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
-    if weight is None:
-        return torch.empty_like(input), input.new_empty(0), input.new_empty(0)
-    return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
+    return contract.fake_input_grads(input, weight)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, *_state, _momentum, eps, group_name = inputs
-    _out, new_mean, new_var, new_tracked, save_mean, save_var, count = output
-    ctx.mark_non_differentiable(new_mean, new_var, new_tracked, save_mean, save_var, count)
-    ctx.save_for_backward(input, weight, save_mean, save_var, count)
-    ctx.eps = eps
-    ctx.group_name = group_name
-    ctx.has_bias = bias is not None
+contract.register_autograd(sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"))
 
-
-def _backward(ctx, grad_out, *_state_grads):
-    input, weight, save_mean, save_var, count = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.bnfx.sync_batch_norm_backward(
-        grad_out, input, weight, save_mean, save_var, count, ctx.eps, ctx.group_name
-    )
-    return batch_norm_input_grads(grad_input, grad_weight, grad_bias, weight, ctx.has_bias, other_inputs=6)
-
-
-sync_batch_norm.register_autograd(_backward, setup_context=_setup_context)
+# Device kernels: the same op, collectives included, around each device's local work.
+for _device, _local in (("cpu", _CpuKernels), ("cuda", _TritonKernels)):
+    if (_device == "cpu" and device_kernels.cpu_extension() is None) or (
+        _device == "cuda" and device_kernels.triton_launchers() is None
+    ):
+        continue
+    device_kernels.register(sync_batch_norm, _device, functools.partial(_sync_batch_norm, _local))
+    device_kernels.register(sync_batch_norm_backward, _device, functools.partial(_sync_batch_norm_backward, _local))

@@ -1,3 +1,4 @@
+import contextlib
 import itertools
 import math
 
@@ -9,25 +10,29 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
-from bnfx.ops import ghost_batch_norm as op_module
-from bnfx.ops import ghost_chunk_layout
+from bnfx.ops import device_kernels, ghost_chunk_layout
 
 op = torch.ops.bnfx.ghost_batch_norm
 
 
 @pytest.fixture(params=["fused-cpu", "views"])
-def kernel(request, monkeypatch):
-    """Run a test on the C++ CPU kernel and on the PyTorch kernel every other device uses."""
-    if request.param == "views":
-        monkeypatch.setattr(op_module, "_cpu_kernels", None)
-    return request.param
+def kernel(request):
+    """Run a test on the C++ CPU kernel and on the op's default body (PyTorch views)."""
+    if request.param == "fused-cpu":
+        yield request.param
+        return
+    with device_kernels.default_bodies("cpu"):
+        yield request.param
 
 
 def test_fused_cpu_kernel_is_built():
     # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
-    assert op_module._cpu_kernels is not None
+    extension = device_kernels.cpu_extension()
+    assert extension is not None
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert op_module._cpu_kernels.__name__ == "bnfx.ops._cpu_kernels_avx2"
+        assert extension.__name__ == "bnfx.ops._cpu_kernels_avx2"
+    for name in ("ghost_batch_norm", "ghost_batch_norm_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfx::{name}", "CPU")
 
 
 def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):
@@ -175,12 +180,8 @@ def test_property_matches_chunk_loop(batch, g, channels, spatial, momentum, fuse
     mean, var, tracked = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64), torch.tensor(4)
     ref_state = [mean.clone(), var.clone(), tracked.clone()]
     ref = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
-    original = op_module._cpu_kernels
-    try:
-        op_module._cpu_kernels = original if fused else None
+    with contextlib.nullcontext() if fused else device_kernels.default_bodies("cpu"):
         out, new_mean, new_var, new_tracked, *_ = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
-    finally:
-        op_module._cpu_kernels = original
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(new_mean, ref_state[0])
     torch.testing.assert_close(new_var, ref_state[1])

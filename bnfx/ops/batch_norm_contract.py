@@ -1,0 +1,68 @@
+"""What every bnfx batch-norm op shares: argument checks, the statistics dtype, the state
+outputs of the fake kernels, and the autograd set-up.
+
+Every forward op takes ``(input, weight, bias, running_mean, running_var,
+num_batches_tracked, ...)`` and returns ``(out, new_running_mean, new_running_var,
+new_num_batches_tracked, *saved)``; its backward op takes ``(grad_out, input, weight,
+*saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(input: Tensor) -> torch.dtype:
+    """Statistics are float32 for float32 and reduced-precision input, float64 for float64."""
+    return torch.promote_types(input.dtype, torch.float32)
+
+
+def check_args(input: Tensor, running_mean, momentum, num_batches_tracked) -> None:
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
+
+
+def fake_state(input: Tensor, running_mean, running_var, num_batches_tracked, empty_dtype=None) -> tuple:
+    """Fake ``(new_running_mean, new_running_var, new_num_batches_tracked)``: like each state
+    input, empty (of ``empty_dtype``, else the input's) where it is None."""
+
+    def like(state):
+        return input.new_empty(0, dtype=empty_dtype) if state is None else torch.empty_like(state)
+
+    return like(running_mean), like(running_var), like(num_batches_tracked)
+
+
+def fake_input_grads(input: Tensor, weight):
+    if weight is None:
+        return torch.empty_like(input), input.new_empty(0), input.new_empty(0)
+    return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def register_autograd(op, backward_op, scalars: tuple[str, ...]) -> None:
+    """Autograd for ``op``: the state outputs are not differentiable (their in-graph write-back
+    must not give buffers a grad_fn), the saved outputs and ``scalars`` (argument names of
+    ``op``) are passed to ``backward_op``."""
+    names = [argument.name for argument in op._opoverload._schema.arguments]
+    positions = [names.index(name) for name in scalars]
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias = inputs[:3]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(input, weight, *output[4:])
+        ctx.scalars = [inputs[i] for i in positions]
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out, *_state_grads):
+        input, weight, *saved = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = backward_op(grad_out, input, weight, *saved, *ctx.scalars)
+        # None where weight or bias was None (the backward ops return empty tensors there)
+        if weight is None:
+            grad_weight = grad_bias = None
+        elif not ctx.has_bias:
+            grad_bias = None
+        return (grad_input, grad_weight, grad_bias) + (None,) * (len(names) - 3)
+
+    op.register_autograd(backward, setup_context=setup_context)
