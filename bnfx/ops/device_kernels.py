@@ -14,8 +14,8 @@ from torch import Tensor
 
 log = logging.getLogger("bnfx")
 
-# the ops with a kernel registered, by device type
-_registered: dict[str, list] = {}
+# device type -> {op: its kernel}
+_registered: dict[str, dict] = {}
 
 # what the Triton kernels take; other dtypes (float64) run the default body on CUDA too
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +55,13 @@ def triton_launchers():
 def register(op, device_type: str, kernel) -> None:
     """Register ``kernel`` as ``op``'s kernel for ``device_type`` ("cpu", "cuda")."""
     op.register_kernel(device_type)(kernel)
-    _registered.setdefault(device_type, []).append(op)
+    _registered.setdefault(device_type, {})[op] = kernel
+
+
+def registered_kernel(op, device_type: str):
+    """The kernel ``op`` runs on ``device_type``, as a plain function (None if it has none):
+    tests call the CUDA kernels this way on CPU tensors, in Triton's interpreter."""
+    return _registered.get(device_type, {}).get(op)
 
 
 @contextlib.contextmanager
@@ -63,6 +69,6 @@ def default_bodies(device_type: str):
     """Within the block, every bnfx op runs its default body (the PyTorch kernels) on
     ``device_type``: to compare a device kernel with it, or to run without it."""
     with contextlib.ExitStack() as stack:
-        for op in _registered.get(device_type, []):
+        for op in _registered.get(device_type, {}):
             stack.enter_context(op.set_kernel_enabled(device_type, False))
         yield

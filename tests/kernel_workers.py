@@ -1,0 +1,122 @@
+"""What each rank of the sync kernel tests runs (spawned processes import this module by name):
+each sync kernel (the C++ CPU one, the default body, the Triton one registered for CUDA)
+on this rank's share of one batch."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import bnfx  # noqa: F401
+from bnfx.ops import device_kernels
+from bnfx.ops.sync_batch_norm import sync_batch_norm, sync_batch_norm_backward
+
+KERNELS = ("cpu-extension", "default", "triton")
+
+
+def _share(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]]
+
+
+def _with_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.to(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+def _run(kernel: str, direction: str, *args):
+    """One direction of the sync op through ``kernel``, on CPU tensors."""
+    op = {"forward": torch.ops.bnfx.sync_batch_norm, "backward": torch.ops.bnfx.sync_batch_norm_backward}[direction]
+    if kernel == "triton":
+        op_def = {"forward": sync_batch_norm, "backward": sync_batch_norm_backward}[direction]
+        if torch.cuda.is_available():
+            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            return tuple(t.cpu() for t in op(*moved))
+        return device_kernels.registered_kernel(op_def, "cuda")(*args)
+    scope = device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext()
+    with scope:
+        return op(*args)
+
+
+def triton_matches_cpu_op(rank: int, world_size: int, sizes, shape, dtype, channels_last) -> None:
+    """The CUDA kernel against the CPU op on the same shares: every output, both directions."""
+    generator = torch.Generator().manual_seed(3)
+    channels = shape[0]
+    x_all = (torch.randn(sum(sizes), *shape, generator=generator) * 2 + 3).to(dtype)
+    dy_all = torch.randn(sum(sizes), *shape, generator=generator).to(dtype)
+    weight, bias = torch.rand(channels, generator=generator) + 0.5, torch.randn(channels, generator=generator)
+    state = [torch.randn(channels, generator=generator), torch.rand(channels, generator=generator) + 0.5, torch.tensor(4)]
+    x = _with_layout(_share(x_all, sizes, rank), channels_last)
+    dy = _share(dy_all, sizes, rank)
+    group = dist.group.WORLD.group_name
+    # the CPU reference sees the same values in float32 (bf16 -> fp32 is exact)
+    reference_x = x.float()
+    got = _run("triton", "forward", x, weight, bias, *state, 0.1, 1e-5, group)
+    want = _run("cpu-extension", "forward", reference_x, weight, bias, *state, 0.1, 1e-5, group)
+    low = dtype != torch.float32
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=x.suggest_memory_format())
+    # outputs: one rounding to the input dtype; statistics: float32 from the same values
+    torch.testing.assert_close(got[0].float(), want[0], **(dict(atol=1.6e-2, rtol=8e-3) if low else {}))
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    save = got[4:]
+    got_grads = _run("triton", "backward", dy, x, weight, *save, 1e-5, group)
+    want_grads = _run("cpu-extension", "backward", dy.float(), reference_x, weight, *want[4:], 1e-5, group)
+    assert got_grads[0].dtype == dtype
+    torch.testing.assert_close(got_grads[0].float(), want_grads[0], **(dict(atol=1.6e-2, rtol=8e-3) if low else {}))
+    for g, w in zip(got_grads[1:], want_grads[1:]):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def ill_conditioned_errors(rank: int, world_size: int, shape, sizes) -> dict[str, dict[str, float]]:
+    """Errors against float64 of each kernel and of torch's batch norm on the concatenated
+    batch, for 1e4 + 1e-2 randn in float32: output (max abs over this rank's rows) and running variance (max
+    relative, momentum 1: the batch's own unbiased variance)."""
+    generator = torch.Generator().manual_seed(11)
+    x_all = (1e4 + 1e-2 * torch.randn(sum(sizes), *shape, generator=generator, dtype=torch.float64)).float()
+    channels = shape[0]
+    exact_x = x_all.double()
+    exact_var = exact_x.transpose(0, 1).reshape(channels, -1).var(1)
+    exact_out = F.batch_norm(exact_x, None, None, training=True, eps=1e-5)
+
+    def errors(out, running_var, rows=slice(None)):
+        return {
+            "output": (out.double() - exact_out[rows]).abs().max().item(),
+            "running_var": ((running_var.double() - exact_var).abs() / exact_var).max().item(),
+        }
+
+    torch_var = torch.zeros(channels)
+    torch_out = F.batch_norm(x_all, torch.zeros(channels), torch_var, training=True, momentum=1.0, eps=1e-5)
+    result = {"torch": errors(torch_out, torch_var)}
+    x = _share(x_all, sizes, rank)
+    group = dist.group.WORLD.group_name
+    for kernel in KERNELS:
+        out, _, new_var, *_ = _run(kernel, "forward", x, None, None, torch.zeros(channels), torch.zeros(channels),
+                                   None, 1.0, 1e-5, group)
+        start = sum(sizes[:rank])
+        result[kernel] = errors(out, new_var, slice(start, start + sizes[rank]))  # this rank's rows
+    return result
+
+
+def nccl_sync_matches_one_process(rank: int, world_size: int, sizes) -> None:
+    """A sync-transformed module on GPU ``rank``, synchronized over NCCL, against torch's batch
+    norm on the concatenated batch on the CPU."""
+    torch.cuda.set_device(rank)
+    group = dist.new_group(backend="nccl")
+    generator = torch.Generator().manual_seed(5)
+    x_all = torch.randn(sum(sizes), 4, 6, 6, generator=generator) * 2 + 1
+    dy_all = torch.randn(sum(sizes), 4, 6, 6, generator=generator)
+    reference = torch.nn.BatchNorm2d(4)
+    x_ref = x_all.clone().requires_grad_()
+    reference(x_ref).backward(dy_all)
+    model = bnfx.transform(torch.nn.Sequential(torch.nn.BatchNorm2d(4)).cuda(), sync=group)
+    x = _share(x_all, sizes, rank).cuda().requires_grad_()
+    model(x).backward(_share(dy_all, sizes, rank).cuda())
+    torch.testing.assert_close(x.grad.cpu(), _share(x_ref.grad, sizes, rank), atol=1e-4, rtol=1e-4)
+    for mine, want in ((model[0].running_mean, reference.running_mean), (model[0].running_var, reference.running_var)):
+        torch.testing.assert_close(mine.cpu(), want, atol=1e-5, rtol=1e-5)
+    weight_grad = model[0].weight.grad.clone()
+    dist.all_reduce(weight_grad, group=group)  # data parallelism sums the ranks' shares
+    torch.testing.assert_close(weight_grad.cpu(), reference.weight.grad, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,80 @@
+"""Statistics at least as accurate as torch's batch norm, on every kernel, on ill-conditioned
+input: float32 1e4 + 1e-2 randn (mean/std = 1e6), where float32 sums lose the variance.
+
+Errors are measured against float64 on the same float32 values: the output (max abs) and
+the running variance (max relative; running stats start at 0 with momentum 1, so they hold
+the batch's own variance). Every kernel must do no worse than torch's batch norm on the
+same data, up to the rounding of its float32 result (2 units in the last place).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfx  # noqa: F401
+import kernel_workers
+from bnfx.ops import device_kernels
+from bnfx.ops.ghost_batch_norm import ghost_batch_norm
+from gloo_world import run_world
+
+ULP = torch.finfo(torch.float32).eps
+
+
+def ill_conditioned(shape):
+    generator = torch.Generator().manual_seed(0)
+    return (1e4 + 1e-2 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
+
+
+def run_ghost(kernel, *args):
+    if kernel == "triton":
+        if torch.cuda.is_available():
+            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            return tuple(t.cpu() for t in ghost_batch_norm(*moved))
+        return device_kernels.registered_kernel(ghost_batch_norm, "cuda")(*args)
+    with device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext():
+        return torch.ops.bnfx.ghost_batch_norm(*args)
+
+
+def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
+    # a float32 result is off by up to half an ulp however it is computed
+    assert errors["output"] <= torch_errors["output"] + 2 * ULP * 4, (errors, torch_errors)
+    assert errors["running_var"] <= torch_errors["running_var"] + 2 * ULP, (errors, torch_errors)
+
+
+@pytest.mark.parametrize("kernel", kernel_workers.KERNELS)
+@pytest.mark.parametrize("shape,g", [((32, 4, 16, 16), 16), ((32, 4, 5, 5), 8), ((256, 64), 32)])
+def test_ghost(kernel, shape, g):
+    x = ill_conditioned(shape)
+    channels, nchunks = shape[1], shape[0] // g
+    out, _, new_var, *_ = run_ghost(kernel, x, None, None, torch.zeros(channels), torch.zeros(channels), None,
+                                    g, 1.0, 1e-5)
+    # Composer's running statistics: each chunk updates them with momentum 1 / nchunks, in
+    # order; torch's batch norm per chunk does exactly that, in float32 and in float64
+    chunks = x.double().unflatten(0, (nchunks, g))
+    exact_out = torch.cat([F.batch_norm(c, None, None, training=True, eps=1e-5) for c in chunks])
+    exact_var = torch.zeros(channels, dtype=torch.float64)
+    torch_var = torch.zeros(channels)
+    torch_outs = []
+    for exact_chunk, chunk in zip(chunks, x.unflatten(0, (nchunks, g))):
+        F.batch_norm(exact_chunk, torch.zeros_like(exact_var), exact_var, training=True, momentum=1.0 / nchunks)
+        torch_outs.append(
+            F.batch_norm(chunk, torch.zeros(channels), torch_var, training=True, momentum=1.0 / nchunks, eps=1e-5)
+        )
+
+    def errors(out, running_var):
+        return {
+            "output": (out.double() - exact_out).abs().max().item(),
+            "running_var": ((running_var.double() - exact_var).abs() / exact_var).max().item(),
+        }
+
+    torch_errors = errors(torch.cat(torch_outs), torch_var)
+    assert_no_worse_than_torch(errors(out, new_var), torch_errors)
+
+
+@pytest.mark.parametrize("shape,sizes", [((4, 5, 5), (13, 19)), ((64,), (100, 156))])
+def test_sync_on_two_ranks(shape, sizes):
+    for result in run_world(kernel_workers.ill_conditioned_errors, 2, shape, list(sizes)):
+        for kernel in kernel_workers.KERNELS:
+            assert_no_worse_than_torch(result[kernel], result["torch"])
