@@ -56,7 +56,7 @@ def triton_matches_cpu_op(rank: int, world_size: int, sizes, shape, dtype, chann
     got = _run("triton", "forward", x, weight, bias, *state, 0.1, 1e-5, group)
     want = _run("cpu-extension", "forward", reference_x, weight, bias, *state, 0.1, 1e-5, group)
     low = dtype != torch.float32
-    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=x.suggest_memory_format())
+    assert got[0].dtype == dtype and got[0].stride() == x.stride()
     # outputs: one rounding to the input dtype; statistics: float32 from the same values
     torch.testing.assert_close(got[0].float(), want[0], **(dict(atol=1.6e-2, rtol=8e-3) if low else {}))
     for g, w in zip(got[1:], want[1:]):

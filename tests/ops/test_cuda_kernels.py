@@ -95,7 +95,7 @@ def test_ghost_kernel_matches_cpu_op(shape, g, channels_last, dtype):
     want_grads = torch.ops.bnfx.ghost_batch_norm_backward(dy.float(), x.float(), weight, want[4], want[5], g, 1e-5)
 
     assert got[0].dtype == got_grads[0].dtype == dtype
-    assert got[0].is_contiguous(memory_format=x.suggest_memory_format())
+    assert got[0].stride() == x.stride()  # the layout kept
     for g_state, w_state in zip(got[1:], want[1:]):  # running stats, count, save_mean, save_invstd
         torch.testing.assert_close(g_state, w_state, atol=1e-5, rtol=1e-5)
     for g_sum, w_sum in zip(got_grads[1:], want_grads[1:]):  # grad_weight, grad_bias (float32)
