@@ -26,6 +26,16 @@ def _with_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.to(memory_format=torch.channels_last) if channels_last else t.contiguous()
 
 
+def low_precision_bound(dtype: torch.dtype, torch_error: float, exact: torch.Tensor) -> float:
+    """How far a kernel's reduced-precision result may be from the float32 one: twice torch's
+    own error in that dtype, or, in Triton's interpreter, which truncates float32 to bf16
+    where GPUs round to nearest, one unit in the last place of the largest value."""
+    bound = 2 * torch_error
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        bound = max(bound, torch.finfo(dtype).eps * exact.abs().max().item())
+    return bound
+
+
 def _run(kernel: str, direction: str, *args):
     """One direction of the sync op through ``kernel``, on CPU tensors."""
     op = {"forward": torch.ops.bnfx.sync_batch_norm, "backward": torch.ops.bnfx.sync_batch_norm_backward}[direction]
@@ -55,19 +65,27 @@ def triton_matches_cpu_op(rank: int, world_size: int, sizes, shape, dtype, chann
     reference_x = x.float()
     got = _run("triton", "forward", x, weight, bias, *state, 0.1, 1e-5, group)
     want = _run("cpu-extension", "forward", reference_x, weight, bias, *state, 0.1, 1e-5, group)
-    low = dtype != torch.float32
     assert got[0].dtype == dtype and got[0].stride() == x.stride()
-    # outputs: one rounding to the input dtype; statistics: float32 from the same values
-    torch.testing.assert_close(got[0].float(), want[0], **(dict(atol=1.6e-2, rtol=8e-3) if low else {}))
-    for g, w in zip(got[1:], want[1:]):
+    for g, w in zip(got[1:], want[1:]):  # statistics: float32 from the same values
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    save = got[4:]
-    got_grads = _run("triton", "backward", dy, x, weight, *save, 1e-5, group)
+    got_grads = _run("triton", "backward", dy, x, weight, *got[4:], 1e-5, group)
     want_grads = _run("cpu-extension", "backward", dy.float(), reference_x, weight, *want[4:], 1e-5, group)
     assert got_grads[0].dtype == dtype
-    torch.testing.assert_close(got_grads[0].float(), want_grads[0], **(dict(atol=1.6e-2, rtol=8e-3) if low else {}))
     for g, w in zip(got_grads[1:], want_grads[1:]):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_grads[0], want_grads[0], atol=1e-5, rtol=1e-5)
+        return
+    # reduced precision: within twice what torch's own batch norm in that dtype achieves on
+    # the concatenated batch
+    x_low = x_all.clone().requires_grad_()
+    torch_out = F.batch_norm(x_low, None, None, weight.to(dtype), bias.to(dtype), training=True, eps=1e-5)
+    (torch_grad,) = torch.autograd.grad(torch_out, x_low, dy_all)
+    for ours, theirs, exact in ((got[0], torch_out, want[0]), (got_grads[0], torch_grad, want_grads[0])):
+        torch_error = (_share(theirs, sizes, rank).float() - exact).abs().max().item()
+        our_error = (ours.float() - exact).abs().max().item()
+        assert our_error <= low_precision_bound(dtype, torch_error, exact), (our_error, torch_error)
 
 
 def ill_conditioned_errors(rank: int, world_size: int, shape, sizes) -> dict[str, dict[str, float]]:

@@ -104,13 +104,14 @@ def test_ghost_kernel_matches_cpu_op(shape, g, channels_last, dtype):
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_grads[0], want_grads[0], atol=1e-5, rtol=1e-5)
         return
-    # reduced precision: within twice what torch's own batch norm in that dtype achieves
+    # reduced precision: about what torch's own batch norm in that dtype achieves
     x_low = x.detach().clone().requires_grad_()
     torch_out = chunk_loop(x_low, weight.to(dtype), bias.to(dtype), g)
     (torch_grad,) = torch.autograd.grad(torch_out, x_low, dy)
     for ours, theirs, exact in ((got[0], torch_out, want[0]), (got_grads[0], torch_grad, want_grads[0])):
         torch_error = (theirs.float() - exact).abs().max().item()
-        assert (ours.float() - exact).abs().max().item() <= 2 * torch_error, (ours, theirs)
+        our_error = (ours.float() - exact).abs().max().item()
+        assert our_error <= kernel_workers.low_precision_bound(dtype, torch_error, exact), (our_error, torch_error)
 
 
 def test_ghost_kernel_empty_and_single_chunk_agree_with_plain_batch_norm():
