@@ -55,8 +55,12 @@ class _LocalKernels:
     @staticmethod
     def moments(input: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, M2)`` [C] float64 of a non-empty batch."""
-        var, mean = torch.var_mean(input.to(contract.stat_dtype(input)), _reduced_dims(input), correction=0)
-        return mean.double(), var.double() * (input.numel() // input.shape[1])
+        count = input.numel() // input.shape[1]
+        var = torch.var(input.to(contract.stat_dtype(input)), _reduced_dims(input), correction=0)
+        # the mean in float64: rounded to float32 it would be off by more than the spread of
+        # input far from zero, and the group's variance merges the ranks' means
+        mean = input.sum(_reduced_dims(input), dtype=torch.float64) / count
+        return mean, var.double() * count
 
     @staticmethod
     def normalize(input, mean, var, weight, bias, eps):
@@ -92,7 +96,8 @@ class _LocalKernels:
 
 
 class _CpuKernels(_LocalKernels):
-    """CPU: the C++ statistics (float64) and input gradient for contiguous fp32/fp64 input."""
+    """CPU, contiguous fp32/fp64 input: the C++ statistics (float64), normalization and input
+    gradient."""
 
     @staticmethod
     def moments(input):
@@ -101,10 +106,19 @@ class _CpuKernels(_LocalKernels):
         return device_kernels.cpu_extension().moments(input)
 
     @staticmethod
+    def normalize(input, mean, var, weight, bias, eps):
+        if not device_kernels.cpu_extension_takes(input):
+            return _LocalKernels.normalize(input, mean, var, weight, bias, eps)
+        scale = torch.rsqrt(var + eps)
+        scale = scale if weight is None else scale * weight.double()
+        shift = torch.zeros_like(scale) if bias is None else bias.double()
+        return device_kernels.cpu_extension().normalize(input, mean, scale, shift)
+
+    @staticmethod
     def grad_input(grad_out, input, save_mean, a, k, c):
         if not (device_kernels.cpu_extension_takes(input) and grad_out.dtype == input.dtype):
             return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
-        return device_kernels.cpu_extension().affine_grad(grad_out, input, a, k, c + k * save_mean)
+        return device_kernels.cpu_extension().affine_grad(grad_out, input, a, k, c, mean=save_mean)
 
 
 class _TritonKernels(_LocalKernels):

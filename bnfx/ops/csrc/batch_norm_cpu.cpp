@@ -3,9 +3,20 @@
 // (S = product of the spatial sizes, 1 for [B, C] input). Chunk j holds samples
 // [j * chunk_size, min(B, (j + 1) * chunk_size)). Each (chunk, channel) is reduced and
 // normalized while its values are still in cache: the fused loop torch's own batch-norm
-// kernel runs per channel, run per (chunk, channel). Spatial input accumulates each row in
-// the math type (float for float) and rows in double; [B, C] input, whose chunks are a few
-// rows, accumulates in the math type. Statistics come back in the math type.
+// kernel runs per channel, run per (chunk, channel).
+//
+// Numerics hold for input far from zero relative to its spread (x = 1e4 + 1e-2 randn in
+// float: mean / std = 1e6):
+// - Statistics accumulate in double, whatever the input type, as sums shifted by one of the
+//   values being reduced, p: s1 = sum(x - p), s2 = sum((x - p)^2), in one pass over memory.
+//   mean = p + s1 / n and n var = s2 - s1^2 / n lose to cancellation a factor
+//   (mean - p)^2 / var of double's precision, at most n since p is one of the values.
+// - Outputs never form x scale + (b - mean scale), whose terms are mean / std times larger
+//   than the result. The mean is split into hi = T(mean) and lo = mean - hi; x - hi is exact
+//   in T near the mean (Sterbenz) and lo joins the per-channel constant:
+//   y = (x - hi) scale + (b - lo scale). The backward centers on the saved mean, T(mean),
+//   and recovers its lo from the data.
+// Statistics come back in the math type (double for moments).
 
 #include <torch/extension.h>
 
@@ -14,6 +25,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,85 +45,173 @@ Layout layout_of(const at::Tensor& input, int64_t chunk_size) {
           (batch + chunk_size - 1) / chunk_size};
 }
 
-// Spatial rows are short: they accumulate in the input's math type, rows add up in double.
-template <typename T>
-double row_sum(const T* x, int64_t n) {
-  at::opmath_type<T> acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += x[i];
-  return acc;
+// Mean and biased variance of n values from their sums shifted by p (see the top), given
+// 1 / n: [B, C] input has a few rows per chunk, and divisions would cost as much as they do.
+struct Stats {
+  double mean, var;
+};
+
+Stats stats_of(double inv_n, double p, double s1, double s2) {
+  const double offset = s1 * inv_n;
+  return {p + offset, std::max(s2 * inv_n - offset * offset, 0.0)};
 }
 
+// A mean as hi + lo, hi in the input type (lo is 0 for double input).
 template <typename T>
-double row_centered_squares(const T* x, int64_t n, at::opmath_type<T> mean) {
-  at::opmath_type<T> acc = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const auto d = x[i] - mean;
-    acc += d * d;
+struct Center {
+  T hi;
+  double lo;
+  explicit Center(double mean) : hi(T(mean)), lo(mean - double(T(mean))) {}
+};
+
+// Calls add(std::integral_constant<int, K>{}, r) for groups of K rows that cover [begin,
+// end): K = kMax while it fits, then halves. Reducing K rows in one pass reads and writes
+// the accumulators K times less often, which is what makes double accumulation no slower
+// than float accumulation row by row.
+template <int kMax, typename F>
+void for_row_groups(int64_t begin, int64_t end, F&& add) {
+  int64_t r = begin;
+  for (; r + kMax <= end; r += kMax) add(std::integral_constant<int, kMax>{}, r);
+  if constexpr (kMax > 1) {
+    if (r < end) for_row_groups<kMax / 2>(r, end, add);
   }
-  return acc;
 }
 
-// Row loops over the contiguous channels of [B, C] input, with restrict pointers so that
-// they vectorize.
-template <typename T, typename A>
-void add_row(A* __restrict sum, const T* __restrict x, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) sum[c] += x[c];
+// The loops over values, with restrict pointers so that they vectorize.
+
+// Shifted sums of K spatial rows `stride` apart, n values each, added to s1 and s2.
+template <int K, typename T>
+void add_shifted_rows(const T* __restrict x, int64_t stride, int64_t n, double p, double& s1, double& s2) {
+  double a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int k = 0; k < K; ++k) {
+      const double d = double(x[k * stride + i]) - p;
+      a1 += d;
+      a2 += d * d;
+    }
+  }
+  s1 += a1;
+  s2 += a2;
+}
+
+// Shifted sums of K rows of [B, C] input `stride` apart, n channels each, added to the
+// per-channel s1 and s2.
+template <int K, typename T>
+void add_shifted_columns(double* __restrict s1, double* __restrict s2, const T* __restrict x, int64_t stride,
+                         const T* __restrict p, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double q = p[c];
+    double a1 = 0, a2 = 0;
+    for (int k = 0; k < K; ++k) {
+      const double d = double(x[k * stride + c]) - q;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1[c] += a1;
+    s2[c] += a2;
+  }
 }
 
 template <typename T, typename A>
-void add_centered_squares(A* __restrict squares, const T* __restrict x, const A* __restrict mean, int64_t n) {
+void normalize_row(T* __restrict out, const T* __restrict x, const T* __restrict hi, const A* __restrict scale,
+                   const A* __restrict shift, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = T((x[c] - hi[c]) * scale[c] + shift[c]);
+}
+
+// The backward's sums, of terms without a common offset (x - mean is exact in T near the
+// mean), accumulate in the math type: over a chunk's rows of [B, C] input, and over a
+// group of spatial rows, added up in double.
+template <typename T, typename A>
+void add_grad_sums(A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict sum_xmu, const T* __restrict dy,
+                   const T* __restrict x, const T* __restrict mean, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     const A d = x[c] - mean[c];
-    squares[c] += d * d;
-  }
-}
-
-template <typename T, typename A>
-void affine_row(T* __restrict out, const T* __restrict x, const A* __restrict scale, const A* __restrict shift,
-                int64_t n) {
-  for (int64_t c = 0; c < n; ++c) out[c] = T(x[c] * scale[c] + shift[c]);
-}
-
-template <typename T, typename A>
-void add_grad_sums(A* __restrict sum_dy, A* __restrict sum_dy_xmu, const T* __restrict dy, const T* __restrict x,
-                   const A* __restrict mean, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
     sum_dy[c] += dy[c];
-    sum_dy_xmu[c] += dy[c] * (x[c] - mean[c]);
+    sum_dy_xmu[c] += dy[c] * d;
+    sum_xmu[c] += d;
   }
 }
 
-template <typename T, typename A>
-void grad_row(T* __restrict dx, const T* __restrict dy, const T* __restrict x, const A* __restrict a,
-              const A* __restrict k, const A* __restrict c0, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dx[c] = T(a[c] * dy[c] - k[c] * x[c] + c0[c]);
+// The same sums over K spatial rows `stride` apart, n values each.
+template <int K, typename T>
+void add_grad_rows(const T* __restrict dy, const T* __restrict x, int64_t stride, int64_t n, T mean, double& sum_dy,
+                   double& sum_dy_xmu, double& sum_xmu) {
+  using A = at::opmath_type<T>;
+  A a0 = 0, a1 = 0, a2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int k = 0; k < K; ++k) {
+      const A d = x[k * stride + i] - mean;
+      a0 += dy[k * stride + i];
+      a1 += dy[k * stride + i] * d;
+      a2 += d;
+    }
+  }
+  sum_dy += a0;
+  sum_dy_xmu += a1;
+  sum_xmu += a2;
 }
 
-// [B, C] input: each chunk is a block of rows, whose sums accumulate in the math type.
+// dx = a (dy - mean(dy) - (x - mu) invstd^2 mean(dy (x - mu))), mu the chunk's mean, as
+// a dy - k (x - m) + c around the saved mean m. m is mu rounded to T: the rounding,
+// lo = mu - m = mean(x - m), is recovered from the data when within an ulp of m, and
+// otherwise (a mean other than the chunk's) m is taken as it is.
+struct Coefficients {
+  double a, k, c;
+};
+
+template <typename T>
+Coefficients grad_coefficients(double inv_n, T m, double sum_xmu, double sum_dy, double sum_dy_xmu, double invstd,
+                               double weight) {
+  const double lo = sum_xmu * inv_n;
+  const double residual = std::abs(lo) <= std::abs(double(m)) * std::numeric_limits<T>::epsilon() ? lo : 0.0;
+  const double a = invstd * weight;
+  const double k = a * invstd * invstd * (sum_dy_xmu - residual * sum_dy) * inv_n;
+  return {a, k, k * residual - a * sum_dy * inv_n};
+}
+
+// dx = a dy - k (x - center) + c0, per-channel coefficients; center 0 unless kCentered.
+template <bool kCentered = true, typename T, typename A>
+void grad_row(T* __restrict dx, const T* __restrict dy, const T* __restrict x, const T* __restrict center,
+              const A* __restrict a, const A* __restrict k, const A* __restrict c0, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dx[c] = T(a[c] * dy[c] - k[c] * (kCentered ? x[c] - center[c] : x[c]) + c0[c]);
+}
+
+// [B, C] input: each chunk is a block of rows, reduced and normalized in blocks of channels
+// whose accumulators stay in L1, shifted by the chunk's first row.
+constexpr int64_t kChannelBlock = 256;
+
+int64_t channel_blocks(int64_t channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
+
 template <typename T>
 void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double eps, T* out, at::opmath_type<T>* mean,
                   at::opmath_type<T>* invstd, at::opmath_type<T>* var) {
   using A = at::opmath_type<T>;
-  const int64_t C = l.channels;
-  at::parallel_for(0, l.nchunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<A> sum(C), squares(C), m(C), scale(C), shift(C);
-    for (int64_t j = first; j < last; ++j) {
-      const double n = l.count(j);
-      std::fill(sum.begin(), sum.end(), A(0));
-      std::fill(squares.begin(), squares.end(), A(0));
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_row(sum.data(), x + r * C, C);
-      for (int64_t c = 0; c < C; ++c) m[c] = sum[c] / n;
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_centered_squares(squares.data(), x + r * C, m.data(), C);
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = squares[c] / n, is = 1.0 / std::sqrt(v + eps);
-        const double ws = is * (w ? double(w[c]) : 1.0);
-        mean[j * C + c] = m[c];
-        invstd[j * C + c] = is;
-        var[j * C + c] = v * n / (n - 1);
+  const int64_t C = l.channels, nblocks = channel_blocks(C);
+  at::parallel_for(0, l.nchunks * nblocks, 1, [&](int64_t first, int64_t last) {
+    double s1[kChannelBlock], s2[kChannelBlock];
+    T hi[kChannelBlock];
+    A scale[kChannelBlock], shift[kChannelBlock];
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t j = task / nblocks, c0 = task % nblocks * kChannelBlock, nc = std::min(kChannelBlock, C - c0);
+      const double n = l.count(j), inv_n = 1.0 / n, unbiased = n / (n - 1);
+      const T *xb = x + c0, *p = xb + l.begin(j) * C;
+      std::fill(s1, s1 + nc, 0.0);
+      std::fill(s2, s2 + nc, 0.0);
+      for_row_groups<8>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
+        add_shifted_columns<decltype(k)::value>(s1, s2, xb + r * C, C, p, nc);
+      });
+      for (int64_t c = 0; c < nc; ++c) {
+        const Stats s = stats_of(inv_n, p[c], s1[c], s2[c]);
+        const Center<T> center(s.mean);
+        const double is = 1.0 / std::sqrt(s.var + eps), ws = is * (w ? double(w[c0 + c]) : 1.0);
+        mean[j * C + c0 + c] = s.mean;
+        invstd[j * C + c0 + c] = is;
+        var[j * C + c0 + c] = s.var * unbiased;
+        hi[c] = center.hi;
         scale[c] = ws;
-        shift[c] = (b ? double(b[c]) : 0.0) - double(m[c]) * ws;
+        shift[c] = (b ? double(b[c0 + c]) : 0.0) - center.lo * ws;
       }
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) affine_row(out + r * C, x + r * C, scale.data(), shift.data(), C);
+      for (int64_t r = l.begin(j); r < l.end(j); ++r) normalize_row(out + c0 + r * C, xb + r * C, hi, scale, shift, nc);
     }
   });
 }
@@ -119,53 +220,61 @@ template <typename T>
 void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const at::opmath_type<T>* mean,
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
   using A = at::opmath_type<T>;
-  const int64_t C = l.channels;
-  at::parallel_for(0, l.nchunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<A> s_dy(C), s_dyx(C), fa(C), fk(C), fc(C);
-    for (int64_t j = first; j < last; ++j) {
-      const double n = l.count(j);
-      const A* m = mean + j * C;
-      std::fill(s_dy.begin(), s_dy.end(), A(0));
-      std::fill(s_dyx.begin(), s_dyx.end(), A(0));
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) add_grad_sums(s_dy.data(), s_dyx.data(), dy + r * C, x + r * C, m, C);
-      for (int64_t c = 0; c < C; ++c) {
-        const double is = invstd[j * C + c];
-        const double a = is * (w ? double(w[c]) : 1.0), k = s_dyx[c] / n * is * is;
-        sum_dy[j * C + c] = s_dy[c];
-        sum_dy_xmu[j * C + c] = s_dyx[c];
-        fa[c] = a;
-        fk[c] = a * k;
-        fc[c] = a * (k * m[c] - s_dy[c] / n);
+  const int64_t C = l.channels, nblocks = channel_blocks(C);
+  at::parallel_for(0, l.nchunks * nblocks, 1, [&](int64_t first, int64_t last) {
+    T m[kChannelBlock];
+    A s_dy[kChannelBlock], s_dyx[kChannelBlock], s_x[kChannelBlock], fa[kChannelBlock], fk[kChannelBlock],
+        fc[kChannelBlock];
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t j = task / nblocks, c0 = task % nblocks * kChannelBlock, nc = std::min(kChannelBlock, C - c0);
+      const double inv_n = 1.0 / l.count(j);
+      for (int64_t c = 0; c < nc; ++c) {
+        m[c] = T(mean[j * C + c0 + c]);
+        s_dy[c] = s_dyx[c] = s_x[c] = 0;
       }
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        grad_row(dx + r * C, dy + r * C, x + r * C, fa.data(), fk.data(), fc.data(), C);
+        add_grad_sums(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, m, nc);
+      for (int64_t c = 0; c < nc; ++c) {
+        const Coefficients k = grad_coefficients<T>(inv_n, m[c], s_x[c], s_dy[c], s_dyx[c], invstd[j * C + c0 + c],
+                                                    w ? double(w[c0 + c]) : 1.0);
+        sum_dy[j * C + c0 + c] = s_dy[c];
+        sum_dy_xmu[j * C + c0 + c] = s_dyx[c];
+        fa[c] = k.a;
+        fk[c] = k.k;
+        fc[c] = k.c;
+      }
+      for (int64_t r = l.begin(j); r < l.end(j); ++r)
+        grad_row(dx + c0 + r * C, dy + c0 + r * C, x + c0 + r * C, m, fa, fk, fc, nc);
     }
   });
 }
 
+// Spatial input: one task per (chunk, channel), its rows of S values strided by C S.
 template <typename T>
 void forward_impl(const Layout& l, const T* x, const T* w, const T* b, double eps, T* out, at::opmath_type<T>* mean,
                   at::opmath_type<T>* invstd, at::opmath_type<T>* var) {
+  using A = at::opmath_type<T>;
   const int64_t C = l.channels, S = l.spatial;
   at::parallel_for(0, l.nchunks * C, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t j = task / C, c = task % C;
-      double sum = 0, squares = 0;
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) sum += row_sum(x + (r * C + c) * S, S);
-      const double m = sum / l.count(j);
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        squares += row_centered_squares(x + (r * C + c) * S, S, at::opmath_type<T>(m));
-      const double v = squares / l.count(j);
-      const double is = 1.0 / std::sqrt(v + eps);
-      mean[task] = m;
+      const double n = l.count(j), p = S > 0 ? double(x[(l.begin(j) * C + c) * S]) : 0.0;
+      double s1 = 0, s2 = 0;
+      for_row_groups<4>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
+        add_shifted_rows<decltype(k)::value>(x + (r * C + c) * S, C * S, S, p, s1, s2);
+      });
+      const Stats s = stats_of(1.0 / n, p, s1, s2);
+      const Center<T> center(s.mean);
+      const double is = 1.0 / std::sqrt(s.var + eps), ws = is * (w ? double(w[c]) : 1.0);
+      mean[task] = s.mean;
       invstd[task] = is;
-      var[task] = v * l.count(j) / (l.count(j) - 1);
-      const double ws = is * (w ? double(w[c]) : 1.0);
-      const at::opmath_type<T> scale = ws, shift = (b ? double(b[c]) : 0.0) - m * ws;
+      var[task] = s.var * n / (n - 1);
+      const T hi = center.hi;
+      const A scale = ws, shift = (b ? double(b[c]) : 0.0) - center.lo * ws;
       for (int64_t r = l.begin(j); r < l.end(j); ++r) {
-        const T* xr = x + (r * C + c) * S;
-        T* yr = out + (r * C + c) * S;
-        for (int64_t i = 0; i < S; ++i) yr[i] = T(xr[i] * scale + shift);
+        const T* __restrict xr = x + (r * C + c) * S;
+        T* __restrict yr = out + (r * C + c) * S;
+        for (int64_t i = 0; i < S; ++i) yr[i] = T((xr[i] - hi) * scale + shift);
       }
     }
   });
@@ -174,35 +283,26 @@ void forward_impl(const Layout& l, const T* x, const T* w, const T* b, double ep
 template <typename T>
 void backward_impl(const Layout& l, const T* dy, const T* x, const T* w, const at::opmath_type<T>* mean,
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
+  using A = at::opmath_type<T>;
   const int64_t C = l.channels, S = l.spatial;
   at::parallel_for(0, l.nchunks * C, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t j = task / C, c = task % C;
-      const at::opmath_type<T> m = mean[task];
-      double s_dy = 0, s_dyx = 0;
-      for (int64_t r = l.begin(j); r < l.end(j); ++r) {
-        const T* xr = x + (r * C + c) * S;
-        const T* gr = dy + (r * C + c) * S;
-        at::opmath_type<T> a0 = 0, a1 = 0;
-        for (int64_t i = 0; i < S; ++i) {
-          a0 += gr[i];
-          a1 += gr[i] * (xr[i] - m);
-        }
-        s_dy += a0;
-        s_dyx += a1;
-      }
+      const T m = T(mean[task]);
+      double s_dy = 0, s_dyx = 0, s_x = 0;
+      for_row_groups<4>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
+        add_grad_rows<decltype(k)::value>(dy + (r * C + c) * S, x + (r * C + c) * S, C * S, S, m, s_dy, s_dyx, s_x);
+      });
       sum_dy[task] = s_dy;
       sum_dy_xmu[task] = s_dyx;
-      const double n = l.count(j), is = invstd[task];
-      const double a = is * (w ? double(w[c]) : 1.0);
-      const double k = s_dyx / n * is * is;
-      // dx = a (dy - mean(dy) - (x - mean) k)
-      const at::opmath_type<T> fa = a, fk = a * k, fc = a * (k * mean[task] - s_dy / n);
+      const Coefficients k =
+          grad_coefficients<T>(1.0 / l.count(j), m, s_x, s_dy, s_dyx, invstd[task], w ? double(w[c]) : 1.0);
+      const A fa = k.a, fk = k.k, fc = k.c;
       for (int64_t r = l.begin(j); r < l.end(j); ++r) {
-        const T* xr = x + (r * C + c) * S;
-        const T* gr = dy + (r * C + c) * S;
-        T* dr = dx + (r * C + c) * S;
-        for (int64_t i = 0; i < S; ++i) dr[i] = T(fa * gr[i] - fk * xr[i] + fc);
+        const T* __restrict xr = x + (r * C + c) * S;
+        const T* __restrict gr = dy + (r * C + c) * S;
+        T* __restrict dr = dx + (r * C + c) * S;
+        for (int64_t i = 0; i < S; ++i) dr[i] = T(fa * gr[i] - fk * (xr[i] - m) + fc);
       }
     }
   });
@@ -211,25 +311,22 @@ void backward_impl(const Layout& l, const T* dy, const T* x, const T* w, const a
 // bnfx::sync_batch_norm's local work on contiguous input: the statistics each rank
 // contributes before the all-reduce, and the input gradient once the sums are global.
 
-// Per-channel mean and sum of squared deviations, in double, in one pass over memory: each
-// spatial row is reduced twice while in cache, and rows are merged with Chan's formula.
+// Per-channel mean and sum of squared deviations, in double, in one pass over memory,
+// shifted by the channel's first value.
 template <typename T>
 void moments_impl(const Layout& l, const T* x, double* mean, double* m2) {
   const int64_t C = l.channels, S = l.spatial;
+  const double n = double(l.batch) * S;
   at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      double n = 0, m = 0, q = 0;
-      for (int64_t r = 0; r < l.batch; ++r) {
-        const T* row = x + (r * C + c) * S;
-        const double row_mean = row_sum(row, S) / S;
-        const double row_m2 = row_centered_squares(row, S, at::opmath_type<T>(row_mean));
-        const double delta = row_mean - m, total = n + S;
-        m += delta * S / total;
-        q += row_m2 + delta * delta * n * S / total;
-        n = total;
-      }
-      mean[c] = m;
-      m2[c] = q;
+      const double p = x[c * S];
+      double s1 = 0, s2 = 0;
+      for_row_groups<4>(0, l.batch, [&](auto k, int64_t r) {
+        add_shifted_rows<decltype(k)::value>(x + (r * C + c) * S, C * S, S, p, s1, s2);
+      });
+      const Stats s = stats_of(1.0 / n, p, s1, s2);
+      mean[c] = s.mean;
+      m2[c] = s.var * n;
     }
   });
 }
@@ -237,16 +334,28 @@ void moments_impl(const Layout& l, const T* x, double* mean, double* m2) {
 template <typename T>
 void moments_rows(const Layout& l, const T* x, double* mean, double* m2) {
   const int64_t C = l.channels;
-  for (int64_t r = 0; r < l.batch; ++r) add_row(mean, x + r * C, C);
-  for (int64_t c = 0; c < C; ++c) mean[c] /= double(l.batch);
-  for (int64_t r = 0; r < l.batch; ++r) add_centered_squares(m2, x + r * C, mean, C);
+  const double n = double(l.batch);
+  at::parallel_for(0, channel_blocks(C), 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t c0 = block * kChannelBlock, nc = std::min(kChannelBlock, C - c0);
+      const T* p = x + c0;
+      for_row_groups<8>(0, l.batch, [&](auto k, int64_t r) {
+        add_shifted_columns<decltype(k)::value>(mean + c0, m2 + c0, p + r * C, C, p, nc);
+      });
+      for (int64_t c = 0; c < nc; ++c) {
+        const Stats s = stats_of(1.0 / n, p[c], mean[c0 + c], m2[c0 + c]);
+        mean[c0 + c] = s.mean;
+        m2[c0 + c] = s.var * n;
+      }
+    }
+  });
 }
 
 // Returns (mean, m2), [C] in double; zeros for an empty batch.
 std::vector<at::Tensor> moments(const at::Tensor& input) {
   auto mean = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
   auto m2 = at::zeros_like(mean);
-  if (input.size(0) == 0) return {mean, m2};
+  if (input.numel() == 0) return {mean, m2};
   const Layout l = layout_of(input, input.size(0));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_moments", [&] {
     auto run = l.spatial == 1 ? moments_rows<scalar_t> : moments_impl<scalar_t>;
@@ -255,38 +364,106 @@ std::vector<at::Tensor> moments(const at::Tensor& input) {
   return {mean, m2};
 }
 
-// grad_input = a dy - k x + c0 with per-channel coefficients [C] (in double), one pass.
+template <bool kCentered, typename T>
+void affine_grad_impl(const Layout& l, const T* dy, const T* x, const T* hi, const at::opmath_type<T>* a,
+                      const at::opmath_type<T>* k, const at::opmath_type<T>* c0, T* dx) {
+  using A = at::opmath_type<T>;
+  const int64_t C = l.channels, S = l.spatial;
+  if (S == 1) {
+    at::parallel_for(0, l.batch, 1, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) grad_row<kCentered>(dx + r * C, dy + r * C, x + r * C, hi, a, k, c0, C);
+    });
+    return;
+  }
+  at::parallel_for(0, l.batch * C, 1, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t c = row % C;
+      const T h = hi[c];
+      const A a_c = a[c], k_c = k[c], c_c = c0[c];
+      const T *__restrict gr = dy + row * S, *__restrict xr = x + row * S;
+      T* __restrict dr = dx + row * S;
+      for (int64_t i = 0; i < S; ++i) dr[i] = T(a_c * gr[i] - k_c * (kCentered ? xr[i] - h : xr[i]) + c_c);
+    }
+  });
+}
+
+// grad_input = a dy - k x + c0 with per-channel coefficients [C], one pass. Given the mean
+// [C] (any floating type; double keeps the digits that T(mean) drops), the centered form
+// a dy - k (x - mean) + c0 instead, where no term grows with mean / std.
 at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a, const at::Tensor& k,
-                       const at::Tensor& c0) {
+                       const at::Tensor& c0, const c10::optional<at::Tensor>& mean) {
   auto dx = at::empty_like(input);
   if (input.numel() == 0) return dx;
   const Layout l = layout_of(input, input.size(0));
+  const int64_t C = l.channels;
+  TORCH_CHECK(!mean.has_value() || mean->numel() == C, "mean must have one value per channel (", C, "), got ",
+              mean.has_value() ? mean->numel() : 0);
   auto dy = grad_out.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_affine_grad", [&] {
     using A = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
     auto fa = a.to(acc).contiguous(), fk = k.to(acc).contiguous(), fc = c0.to(acc).contiguous();
-    const A *pa = fa.const_data_ptr<A>(), *pk = fk.const_data_ptr<A>(), *pc = fc.const_data_ptr<A>();
-    const scalar_t *g = dy.const_data_ptr<scalar_t>(), *x = input.const_data_ptr<scalar_t>();
-    scalar_t* d = dx.mutable_data_ptr<scalar_t>();
-    const int64_t C = l.channels, S = l.spatial;
+    std::vector<scalar_t> hi(C, scalar_t(0));
+    if (mean.has_value()) {
+      auto dm = mean->to(at::kDouble).contiguous();
+      auto dc = c0.to(at::kDouble).contiguous(), dk = k.to(at::kDouble).contiguous();
+      fc = at::empty_like(fc);
+      for (int64_t c = 0; c < C; ++c) {
+        const Center<scalar_t> center(dm.const_data_ptr<double>()[c]);
+        hi[c] = center.hi;
+        fc.mutable_data_ptr<A>()[c] = dc.const_data_ptr<double>()[c] + dk.const_data_ptr<double>()[c] * center.lo;
+      }
+    }
+    auto run = mean.has_value() ? affine_grad_impl<true, scalar_t> : affine_grad_impl<false, scalar_t>;
+    run(l, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), hi.data(), fa.const_data_ptr<A>(),
+        fk.const_data_ptr<A>(), fc.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+// out = (x - mean) scale + shift with per-channel mean (double), scale and shift [C]: sync
+// batch norm's normalization with the group's statistics. The mean is split as in the ghost
+// forward, y = (x - hi) scale + (shift - lo scale), so no term grows with mean / std.
+at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift) {
+  auto out = at::empty_like(input);
+  if (input.numel() == 0) return out;
+  const Layout l = layout_of(input, input.size(0));
+  const int64_t C = l.channels, S = l.spatial;
+  TORCH_CHECK(mean.numel() == C && scale.numel() == C && shift.numel() == C,
+              "mean, scale and shift must have one value per channel (", C, ")");
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_normalize", [&] {
+    using A = at::opmath_type<scalar_t>;
+    auto dm = mean.to(at::kDouble).contiguous(), ds = scale.to(at::kDouble).contiguous();
+    auto db = shift.to(at::kDouble).contiguous();
+    std::vector<scalar_t> hi(C);
+    std::vector<A> fs(C), fb(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const Center<scalar_t> center(dm.const_data_ptr<double>()[c]);
+      const double sc = ds.const_data_ptr<double>()[c];
+      hi[c] = center.hi;
+      fs[c] = A(sc);
+      fb[c] = A(db.const_data_ptr<double>()[c] - center.lo * sc);
+    }
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
     if (S == 1) {
       at::parallel_for(0, l.batch, 1, [&](int64_t first, int64_t last) {
-        for (int64_t r = first; r < last; ++r) grad_row(d + r * C, g + r * C, x + r * C, pa, pk, pc, C);
+        for (int64_t r = first; r < last; ++r) normalize_row(y + r * C, x + r * C, hi.data(), fs.data(), fb.data(), C);
       });
       return;
     }
     at::parallel_for(0, l.batch * C, 1, [&](int64_t first, int64_t last) {
       for (int64_t row = first; row < last; ++row) {
         const int64_t c = row % C;
-        const A a_c = pa[c], k_c = pk[c], c_c = pc[c];
-        const scalar_t *gr = g + row * S, *xr = x + row * S;
-        scalar_t* dr = d + row * S;
-        for (int64_t i = 0; i < S; ++i) dr[i] = scalar_t(a_c * gr[i] - k_c * xr[i] + c_c);
+        const scalar_t h = hi[c];
+        const A s_c = fs[c], b_c = fb[c];
+        const scalar_t* __restrict xr = x + row * S;
+        scalar_t* __restrict yr = y + row * S;
+        for (int64_t i = 0; i < S; ++i) yr[i] = scalar_t((xr[i] - h) * s_c + b_c);
       }
     });
   });
-  return dx;
+  return out;
 }
 
 // Returns (out, mean, invstd, unbiased_var), statistics [nchunks, C] in the math type.
@@ -310,7 +487,8 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const c10::optional<at:
   return {out, mean, invstd, var};
 }
 
-// Returns (grad_input, sum_dy, sum_dy_xmu), sums [nchunks, C] in the math type.
+// Returns (grad_input, sum_dy, sum_dy_xmu), sums [nchunks, C] in the math type, centered on
+// the mean given (the saved one).
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& input,
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                  const at::Tensor& invstd, int64_t chunk_size) {
@@ -336,8 +514,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& i
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
   m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
   m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
-  m.def("affine_grad", &affine_grad, "a dy - k x + c0 with per-channel coefficients, contiguous CPU input");
+  m.def("normalize", &normalize, "(x - mean) scale + shift with per-channel coefficients, contiguous CPU input");
+  m.def("affine_grad", &affine_grad,
+        "a dy - k x + c0, or a dy - k (x - mean) + c0 given mean, with per-channel coefficients, contiguous CPU input",
+        py::arg("grad_out"), py::arg("input"), py::arg("a"), py::arg("k"), py::arg("c0"), py::arg("mean") = py::none());
 }
