@@ -15,16 +15,6 @@ from bnfx.ops import device_kernels, ghost_chunk_layout
 op = torch.ops.bnfx.ghost_batch_norm
 
 
-@pytest.fixture(params=["fused-cpu", "views"])
-def kernel(request):
-    """Run a test on the C++ CPU kernel and on the op's default body (PyTorch views)."""
-    if request.param == "fused-cpu":
-        yield request.param
-        return
-    with device_kernels.default_bodies("cpu"):
-        yield request.param
-
-
 def test_fused_cpu_kernel_is_built():
     # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
     extension = device_kernels.cpu_extension()

@@ -12,7 +12,6 @@ from torch import nn
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
-from bnfx.ops import device_kernels
 from world_of_one import world_of_one
 
 op = torch.ops.bnfx.sync_batch_norm
@@ -22,16 +21,6 @@ op = torch.ops.bnfx.sync_batch_norm
 def group_name():
     with world_of_one() as group:
         yield group.group_name
-
-
-@pytest.fixture(params=["fused-cpu", "views"])
-def kernel(request):
-    """The C++ CPU statistics, and the op's default body (PyTorch ops)."""
-    if request.param == "fused-cpu":
-        yield request.param
-        return
-    with device_kernels.default_bodies("cpu"):
-        yield request.param
 
 
 SHAPES = [(6, 4), (5, 3, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
