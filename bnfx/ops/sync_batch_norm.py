@@ -291,10 +291,14 @@ def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
 contract.register_autograd(sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"))
 
 # Device kernels: the same op, collectives included, around each device's local work.
-for _device, _local in (("cpu", _CpuKernels), ("cuda", _TritonKernels)):
-    if (_device == "cpu" and device_kernels.cpu_extension() is None) or (
-        _device == "cuda" and device_kernels.triton_launchers() is None
-    ):
-        continue
-    device_kernels.register(sync_batch_norm, _device, functools.partial(_sync_batch_norm, _local))
-    device_kernels.register(sync_batch_norm_backward, _device, functools.partial(_sync_batch_norm_backward, _local))
+def _register(device_type: str, local) -> None:
+    device_kernels.register(sync_batch_norm, device_type, functools.partial(_sync_batch_norm, local))
+    device_kernels.register(
+        sync_batch_norm_backward, device_type, functools.partial(_sync_batch_norm_backward, local)
+    )
+
+
+if device_kernels.cpu_extension() is not None:
+    _register("cpu", _CpuKernels)
+if device_kernels.triton_launchers() is not None:
+    _register("cuda", _TritonKernels)

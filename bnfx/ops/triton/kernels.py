@@ -24,6 +24,115 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _hi_lo(mean):
+    """A float64 mean as float32 ``hi + lo``: ``(x - hi) - lo`` keeps the digits ``x - mean``
+    in float32 would lose."""
+    hi = mean.to(tl.float32)
+    return hi, (mean - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _cf_elementwise_tile(pid, B, C, S, chunk_size, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """The elements of program ``pid`` of an elementwise ``_cf`` kernel: rows of (sample,
+    channel) pairs, columns of positions. Returns ``(row_mask, channel, param, mask,
+    offsets)``, ``param`` the (chunk, channel) index of each row."""
+    col_tiles = tl.cdiv(S, BLOCK_COLS)
+    tr = pid // col_tiles
+    tc = pid - tr * col_tiles
+    row = tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # b * C + c
+    row_mask = row < B * C
+    b = row // C
+    channel = row - b * C
+    param = (b // chunk_size) * C + channel
+    s = tc * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = row_mask[:, None] & (s < S)[None, :]
+    offsets = row.to(tl.int64)[:, None] * S + s[None, :]
+    return row_mask, channel, param, mask, offsets
+
+
+@triton.jit
+def _cl_elementwise_tile(pid, B, C, S, chunk_size, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """The elements of program ``pid`` of an elementwise ``_cl`` kernel: ``(chunk j, row tile,
+    channel block)``, inside chunk j so that the parameters are one vector per program.
+    Returns ``(c_mask, channel, param, mask, offsets)``."""
+    col_blocks = tl.cdiv(C, BLOCK_COLS)
+    row_tiles = tl.cdiv(chunk_size * S, BLOCK_ROWS)
+    cb = pid % col_blocks
+    jt = pid // col_blocks
+    j = jt // row_tiles
+    tr = jt - j * row_tiles
+    r0 = j * chunk_size * S
+    r1 = r0 + tl.minimum(B * S - r0, chunk_size * S)
+    channel = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    c_mask = channel < C
+    p = r0 + tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (p < r1)[:, None] & c_mask[None, :]
+    offsets = p.to(tl.int64)[:, None] * C + channel[None, :]
+    return c_mask, channel, j * C + channel, mask, offsets
+
+
+@triton.jit
+def _cf_reduction_range(pid, B, C, S, chunk_size, nchunks, split,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``(k, j, c)`` of a ``_cf`` reduction: its (chunk j, channel c) and its range
+    ``[t0, t1)``, the k-th of ``split`` ranges of the pair's tiles. Returns ``(k, jc, c, b0,
+    nb, t0, t1)``: ``jc`` the pair's index, ``b0`` and ``nb`` the chunk's first sample and size."""
+    stats = nchunks * C
+    k = pid // stats
+    jc = pid - k * stats
+    j = jc // C
+    c = jc - j * C
+    b0 = j * chunk_size
+    nb = tl.minimum(B - b0, chunk_size)
+    tiles = tl.cdiv(nb, BLOCK_ROWS) * tl.cdiv(S, BLOCK_COLS)
+    per_program = tl.cdiv(tiles, split)
+    t0 = k * per_program
+    return k, jc, c, b0, nb, t0, tl.minimum(t0 + per_program, tiles)
+
+
+@triton.jit
+def _cf_reduction_tile(t, c, b0, nb, C, S, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Tile ``t`` of (chunk, channel c): rows of samples, columns of positions. Returns
+    ``(tr, tc, mask, offsets)``."""
+    col_tiles = tl.cdiv(S, BLOCK_COLS)
+    tr = t // col_tiles
+    tc = t - tr * col_tiles
+    b = b0 + tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    s = tc * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (b < b0 + nb)[:, None] & (s < S)[None, :]
+    offsets = (b.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+    return tr, tc, mask, offsets
+
+
+@triton.jit
+def _cl_reduction_range(pid, B, C, S, chunk_size, nchunks, split,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``(k, j, cb)`` of a ``_cl`` reduction: chunk j, channel block cb, and the k-th
+    of ``split`` ranges ``[t0, t1)`` of the chunk's row tiles. Returns ``(k, j, channel, r0,
+    nr, t0, t1)``: ``r0`` and ``nr`` the chunk's first position row and its number of rows."""
+    col_blocks = tl.cdiv(C, BLOCK_COLS)
+    k = pid // (nchunks * col_blocks)
+    jb = pid - k * (nchunks * col_blocks)
+    j = jb // col_blocks
+    cb = jb - j * col_blocks
+    r0 = j * chunk_size * S
+    nr = tl.minimum(B * S - r0, chunk_size * S)
+    tiles = tl.cdiv(nr, BLOCK_ROWS)
+    per_program = tl.cdiv(tiles, split)
+    t0 = k * per_program
+    channel = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return k, j, channel, r0, nr, t0, tl.minimum(t0 + per_program, tiles)
+
+
+@triton.jit
+def _cl_reduction_tile(t, channel, r0, nr, C, BLOCK_ROWS: tl.constexpr):
+    """Row tile ``t`` of a chunk of channels-innermost input. Returns ``(mask, offsets)``."""
+    p = r0 + t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (p < r0 + nr)[:, None] & (channel < C)[None, :]
+    return mask, p.to(tl.int64)[:, None] * C + channel[None, :]
+
+
 @triton.jit(do_not_specialize=["B", "chunk_size", "nchunks", "split"])
 def moments_partial_cf(
     x_ptr, n_ptr, mean_ptr, m2_ptr, shift_ptr,
@@ -34,34 +143,18 @@ def moments_partial_cf(
     ``split`` ranges of tiles of (chunk j, channel c). Rows: samples of the chunk; columns:
     positions. K, x's first value in (chunk j, channel c), is written to ``shift_ptr``."""
     pid = tl.program_id(0)
-    stats = nchunks * C
-    k = pid // stats
-    jc = pid - k * stats
-    j = jc // C
-    c = jc - j * C
-    b0 = j * chunk_size
-    nb = tl.minimum(B - b0, chunk_size)
-    col_tiles = tl.cdiv(S, BLOCK_COLS)
-    tiles = tl.cdiv(nb, BLOCK_ROWS) * col_tiles
-    per_program = tl.cdiv(tiles, split)
-    t0 = k * per_program
-    t1 = tl.minimum(t0 + per_program, tiles)
+    k, jc, c, b0, nb, t0, t1 = _cf_reduction_range(
+        pid, B, C, S, chunk_size, nchunks, split, BLOCK_ROWS, BLOCK_COLS
+    )
 
     shift = tl.load(x_ptr + (b0.to(tl.int64) * C + c) * S).to(tl.float32)
-    rows = tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_COLS)
     # running (n, mean, m2) of the program's tiles, float64: merging hundreds of tiles in
     # float32 would add their rounding errors
     n = tl.zeros([], tl.float64)
     mean = tl.zeros([], tl.float64)
     m2 = tl.zeros([], tl.float64)
     for t in range(t0, t1):
-        tr = t // col_tiles
-        tc = t - tr * col_tiles
-        b = b0 + tr * BLOCK_ROWS + rows
-        s = tc * BLOCK_COLS + cols
-        mask = (b < b0 + nb)[:, None] & (s < S)[None, :]
-        offsets = (b.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+        tr, tc, mask, offsets = _cf_reduction_tile(t, c, b0, nb, C, S, BLOCK_ROWS, BLOCK_COLS)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift, 0.0)
         tile_count = tl.minimum(nb - tr * BLOCK_ROWS, BLOCK_ROWS) * tl.minimum(S - tc * BLOCK_COLS, BLOCK_COLS)
@@ -90,30 +183,16 @@ def moments_partial_cl(
 ):
     """Program ``(k, j, cb)``: count, mean and M2 of ``x - K`` per channel of channel block
     cb over the k-th of ``split`` ranges of row tiles of chunk j. Rows: positions."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(C, BLOCK_COLS)
-    k = pid // (nchunks * col_blocks)
-    jb = pid - k * (nchunks * col_blocks)
-    j = jb // col_blocks
-    cb = jb - j * col_blocks
-    r0 = j * chunk_size * S
-    nr = tl.minimum(B * S - r0, chunk_size * S)
-    tiles = tl.cdiv(nr, BLOCK_ROWS)
-    per_program = tl.cdiv(tiles, split)
-    t0 = k * per_program
-    t1 = tl.minimum(t0 + per_program, tiles)
-
-    c = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    k, j, c, r0, nr, t0, t1 = _cl_reduction_range(
+        tl.program_id(0), B, C, S, chunk_size, nchunks, split, BLOCK_ROWS, BLOCK_COLS
+    )
     c_mask = c < C
     shift = tl.load(x_ptr + r0.to(tl.int64) * C + c, mask=c_mask, other=0.0).to(tl.float32)
-    rows = tl.arange(0, BLOCK_ROWS)
     n = tl.zeros([], tl.float64)  # float64 as in moments_partial_cf
     mean = tl.zeros([BLOCK_COLS], tl.float64)
     m2 = tl.zeros([BLOCK_COLS], tl.float64)
     for t in range(t0, t1):
-        p = r0 + t * BLOCK_ROWS + rows
-        mask = (p < r0 + nr)[:, None] & c_mask[None, :]
-        offsets = p.to(tl.int64)[:, None] * C + c[None, :]
+        mask, offsets = _cl_reduction_tile(t, c, r0, nr, C, BLOCK_ROWS)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - shift[None, :], 0.0)
         tile_count = tl.minimum(nr - t * BLOCK_ROWS, BLOCK_ROWS)
@@ -178,26 +257,14 @@ def normalize_cf(
     B, C, S, chunk_size,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """``out = ((x - hi) - lo) * scale + shift``. Rows: (sample, channel) pairs; columns:
-    positions. Parameters are gathered per row, once per BLOCK_COLS elements."""
-    pid = tl.program_id(0)
-    col_tiles = tl.cdiv(S, BLOCK_COLS)
-    tr = pid // col_tiles
-    tc = pid - tr * col_tiles
-    row = tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # b * C + c
-    row_mask = row < B * C
-    b = row // C
-    c = row - b * C
-    param = (b // chunk_size) * C + c
-    mean = tl.load(mean_ptr + param, mask=row_mask, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
+    """``out = ((x - hi) - lo) * scale + shift``. Parameters are gathered per row, once per
+    BLOCK_COLS elements."""
+    row_mask, channel, param, mask, offsets = _cf_elementwise_tile(
+        tl.program_id(0), B, C, S, chunk_size, BLOCK_ROWS, BLOCK_COLS
+    )
+    hi, lo = _hi_lo(tl.load(mean_ptr + param, mask=row_mask, other=0.0))
     scale = tl.load(scale_ptr + param, mask=row_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=row_mask, other=0.0)
-
-    s = tc * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = row_mask[:, None] & (s < S)[None, :]
-    offsets = row.to(tl.int64)[:, None] * S + s[None, :]
+    shift = tl.load(shift_ptr + channel, mask=row_mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     out = ((x - hi[:, None]) - lo[:, None]) * scale[:, None] + shift[:, None]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -209,29 +276,13 @@ def normalize_cl(
     B, C, S, chunk_size,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """``out = ((x - hi) - lo) * scale + shift``. Program ``(j, row tile, channel block)``
-    inside chunk j, so that the parameters are one [BLOCK_COLS] vector per program."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(C, BLOCK_COLS)
-    row_tiles = tl.cdiv(chunk_size * S, BLOCK_ROWS)
-    cb = pid % col_blocks
-    jt = pid // col_blocks
-    j = jt // row_tiles
-    tr = jt - j * row_tiles
-    r0 = j * chunk_size * S
-    r1 = r0 + tl.minimum(B * S - r0, chunk_size * S)
-
-    c = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    c_mask = c < C
-    mean = tl.load(mean_ptr + j * C + c, mask=c_mask, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
-    scale = tl.load(scale_ptr + j * C + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-
-    p = r0 + tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (p < r1)[:, None] & c_mask[None, :]
-    offsets = p.to(tl.int64)[:, None] * C + c[None, :]
+    """``out = ((x - hi) - lo) * scale + shift``, one parameter vector per program."""
+    c_mask, channel, param, mask, offsets = _cl_elementwise_tile(
+        tl.program_id(0), B, C, S, chunk_size, BLOCK_ROWS, BLOCK_COLS
+    )
+    hi, lo = _hi_lo(tl.load(mean_ptr + param, mask=c_mask, other=0.0))
+    scale = tl.load(scale_ptr + param, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + channel, mask=c_mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     out = ((x - hi[None, :]) - lo[None, :]) * scale[None, :] + shift[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -246,33 +297,16 @@ def backward_sums_partial_cf(
     """Program ``(k, j, c)``: sums of dy and dy * (x - mean) over the k-th of ``split``
     ranges of tiles of (chunk j, channel c), in per-lane float32 accumulators."""
     pid = tl.program_id(0)
-    stats = nchunks * C
-    k = pid // stats
-    jc = pid - k * stats
-    j = jc // C
-    c = jc - j * C
-    b0 = j * chunk_size
-    nb = tl.minimum(B - b0, chunk_size)
-    col_tiles = tl.cdiv(S, BLOCK_COLS)
-    tiles = tl.cdiv(nb, BLOCK_ROWS) * col_tiles
-    per_program = tl.cdiv(tiles, split)
-    t0 = k * per_program
-    t1 = tl.minimum(t0 + per_program, tiles)
+    k, jc, c, b0, nb, t0, t1 = _cf_reduction_range(
+        pid, B, C, S, chunk_size, nchunks, split, BLOCK_ROWS, BLOCK_COLS
+    )
 
     mean = tl.load(mean_ptr + jc)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
-    rows = tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_COLS)
+    hi, lo = _hi_lo(mean)
     acc_dy = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     acc_dy_xmu = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     for t in range(t0, t1):
-        tr = t // col_tiles
-        tc = t - tr * col_tiles
-        b = b0 + tr * BLOCK_ROWS + rows
-        s = tc * BLOCK_COLS + cols
-        mask = (b < b0 + nb)[:, None] & (s < S)[None, :]
-        offsets = (b.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+        _, _, mask, offsets = _cf_reduction_tile(t, c, b0, nb, C, S, BLOCK_ROWS, BLOCK_COLS)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         acc_dy += dy
@@ -289,31 +323,16 @@ def backward_sums_partial_cl(
 ):
     """Program ``(k, j, cb)``: per-channel sums of dy and dy * (x - mean) over the k-th of
     ``split`` ranges of row tiles of chunk j."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(C, BLOCK_COLS)
-    k = pid // (nchunks * col_blocks)
-    jb = pid - k * (nchunks * col_blocks)
-    j = jb // col_blocks
-    cb = jb - j * col_blocks
-    r0 = j * chunk_size * S
-    nr = tl.minimum(B * S - r0, chunk_size * S)
-    tiles = tl.cdiv(nr, BLOCK_ROWS)
-    per_program = tl.cdiv(tiles, split)
-    t0 = k * per_program
-    t1 = tl.minimum(t0 + per_program, tiles)
-
-    c = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    k, j, c, r0, nr, t0, t1 = _cl_reduction_range(
+        tl.program_id(0), B, C, S, chunk_size, nchunks, split, BLOCK_ROWS, BLOCK_COLS
+    )
     c_mask = c < C
     mean = tl.load(mean_ptr + j * C + c, mask=c_mask, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
-    rows = tl.arange(0, BLOCK_ROWS)
+    hi, lo = _hi_lo(mean)
     acc_dy = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     acc_dy_xmu = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     for t in range(t0, t1):
-        p = r0 + t * BLOCK_ROWS + rows
-        mask = (p < r0 + nr)[:, None] & c_mask[None, :]
-        offsets = p.to(tl.int64)[:, None] * C + c[None, :]
+        mask, offsets = _cl_reduction_tile(t, c, r0, nr, C, BLOCK_ROWS)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         acc_dy += dy
@@ -353,25 +372,13 @@ def backward_input_cf(
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """``grad_input = a * dy - k * ((x - hi) - lo) + c``; tiled as ``normalize_cf``."""
-    pid = tl.program_id(0)
-    col_tiles = tl.cdiv(S, BLOCK_COLS)
-    tr = pid // col_tiles
-    tc = pid - tr * col_tiles
-    row = tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # b * C + c
-    row_mask = row < B * C
-    b = row // C
-    channel = row - b * C
-    param = (b // chunk_size) * C + channel
-    mean = tl.load(mean_ptr + param, mask=row_mask, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
+    row_mask, _, param, mask, offsets = _cf_elementwise_tile(
+        tl.program_id(0), B, C, S, chunk_size, BLOCK_ROWS, BLOCK_COLS
+    )
+    hi, lo = _hi_lo(tl.load(mean_ptr + param, mask=row_mask, other=0.0))
     a = tl.load(a_ptr + param, mask=row_mask, other=0.0)
     k = tl.load(k_ptr + param, mask=row_mask, other=0.0)
     c = tl.load(c_ptr + param, mask=row_mask, other=0.0)
-
-    s = tc * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = row_mask[:, None] & (s < S)[None, :]
-    offsets = row.to(tl.int64)[:, None] * S + s[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad = a[:, None] * dy - k[:, None] * ((x - hi[:, None]) - lo[:, None]) + c[:, None]
@@ -385,29 +392,13 @@ def backward_input_cl(
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """``grad_input = a * dy - k * ((x - hi) - lo) + c``; tiled as ``normalize_cl``."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(C, BLOCK_COLS)
-    row_tiles = tl.cdiv(chunk_size * S, BLOCK_ROWS)
-    cb = pid % col_blocks
-    jt = pid // col_blocks
-    j = jt // row_tiles
-    tr = jt - j * row_tiles
-    r0 = j * chunk_size * S
-    r1 = r0 + tl.minimum(B * S - r0, chunk_size * S)
-
-    channel = cb * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    c_mask = channel < C
-    param = j * C + channel
-    mean = tl.load(mean_ptr + param, mask=c_mask, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32)
+    c_mask, _, param, mask, offsets = _cl_elementwise_tile(
+        tl.program_id(0), B, C, S, chunk_size, BLOCK_ROWS, BLOCK_COLS
+    )
+    hi, lo = _hi_lo(tl.load(mean_ptr + param, mask=c_mask, other=0.0))
     a = tl.load(a_ptr + param, mask=c_mask, other=0.0)
     k = tl.load(k_ptr + param, mask=c_mask, other=0.0)
     c = tl.load(c_ptr + param, mask=c_mask, other=0.0)
-
-    p = r0 + tr * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (p < r1)[:, None] & c_mask[None, :]
-    offsets = p.to(tl.int64)[:, None] * C + channel[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad = a[None, :] * dy - k[None, :] * ((x - hi[None, :]) - lo[None, :]) + c[None, :]
