@@ -177,9 +177,9 @@ def _forward_cpu(input, weight, bias, ghost_batch_size, eps):
     return device_kernels.cpu_extension().forward(input, weight, bias, chunk_size, eps)
 
 
-def _chunk_counts(input: Tensor, chunk_size: int, ghost_batch_size: int) -> Tensor:
+def _chunk_counts(input: Tensor, ghost_batch_size: int) -> Tensor:
     """[nchunks, 1] float64 values per channel of each chunk, built on the device (no copy)."""
-    _, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
+    chunk_size, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
     per_sample = input[0, 0].numel()
     counts = input.new_full((equal + (last > 0), 1), chunk_size * per_sample, dtype=torch.float64)
     if last:
@@ -194,7 +194,7 @@ def _forward_triton(input, weight, bias, ghost_batch_size, eps):
         return _forward_views(input, weight, bias, ghost_batch_size, eps)
     chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
     mean, m2 = triton.moments(input, chunk_size)  # [nchunks, C] float64
-    counts = _chunk_counts(input, chunk_size, ghost_batch_size)
+    counts = _chunk_counts(input, ghost_batch_size)
     invstd = torch.rsqrt(m2 / counts + eps).float()
     scale = invstd if weight is None else invstd * weight.float()
     out = triton.normalize(input, mean, scale, None if bias is None else bias.float(), chunk_size)
@@ -288,7 +288,7 @@ def _backward_triton(grad_out, input, weight, save_mean, save_invstd, ghost_batc
         return _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
     chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
     sum_dy, sum_dy_xmu = triton.backward_sums(grad_out, input, save_mean, chunk_size)  # [nchunks, C]
-    counts = _chunk_counts(input, chunk_size, ghost_batch_size).float()
+    counts = _chunk_counts(input, ghost_batch_size).float()
     # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))) = a dy - k (x - mean) + c
     a = save_invstd if weight is None else save_invstd * weight.float()
     k = a * save_invstd.square() * sum_dy_xmu / counts

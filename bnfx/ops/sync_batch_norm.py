@@ -6,8 +6,8 @@ uneven and empty batches included. The group travels by name (``group.group_name
 Statistics, one all-reduce of ``2 C + 1`` float64 values per forward:
 
 1. each rank computes its count n, mean m and sum of squared deviations M2 per channel,
-   in float64 (C++ on CPU, Triton's float64 merge of shifted fp32 partials on CUDA,
-   torch.var_mean in the statistics dtype elsewhere);
+   in float64 (C++ on CPU, Triton's float64 merge of shifted fp32 partials on CUDA; the
+   default body: torch.var in the statistics dtype and a float64 sum for the mean);
 2. it turns them into sums shifted by K, the running mean (identical on every rank, and
    close to the batch mean once training has started; 0 without running statistics):
    ``[n, n (m - K), M2 + n (m - K)^2]`` in float64;
