@@ -10,7 +10,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.passes.report import EVAL_MODE
-from bnfx.passes.sites import FUNCTIONAL_STATE_FORMS, BatchNormSite
+from bnfx.passes.sites import TUPLE_OUTPUTS, BatchNormSite, output_name
 
 # Why a site that uses batch statistics stays plain batch norm (``bnfx.explain``'s detail).
 OWN_FORWARD = "{} has its own forward"
@@ -38,13 +38,9 @@ def unsupported(site: BatchNormSite) -> str | None:
         return TRAINING_IN_GRAPH
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
         return MOMENTUM_NONE_WITHOUT_COUNTER
-    if site.form in FUNCTIONAL_STATE_FORMS and any(_index(user) in (1, 2) for user in site.node.users):
+    if any(output_name(site, user) in ("save_mean", "save_invstd") for user in site.node.users):
         return USES_SAVED_STATISTICS
     return None
-
-
-def _index(user: fx.Node):
-    return user.args[1] if user.target is operator.getitem else None
 
 
 def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> None:
@@ -75,13 +71,13 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
             name=name,
         )
         out = graph.call_function(operator.getitem, (new, 0))
-        writes_back = site.form not in FUNCTIONAL_STATE_FORMS  # there the graph returns the new state
+        returns_state = "new_running_mean" in TUPLE_OUTPUTS.get(site.form, ())
         for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
-            if state is not None and writes_back:
+            if state is not None and not returns_state:  # else the graph returns the new state
                 new_state = graph.call_function(operator.getitem, (new, index))
                 graph.call_function(torch.ops.aten.copy_.default, (state, new_state))
-    if site.form in FUNCTIONAL_STATE_FORMS:
-        _reroute_state_outputs(graph, site, new, out)
+    if site.form in TUPLE_OUTPUTS:
+        _reroute_outputs(graph, site, new, out)
         return
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
@@ -90,13 +86,18 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
         graph.erase_node(site.tracked_update)
 
 
-def _reroute_state_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx.Node) -> None:
-    """Decomposed export: the site's outputs 0, 3, 4 and the counter's ``add`` come from ``new``."""
+# the op's outputs that stand for a site's named outputs
+_OP_OUTPUTS = {"new_running_mean": 1, "new_running_var": 2, "new_num_batches_tracked": 3}
+
+
+def _reroute_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx.Node) -> None:
+    """Decomposed export: the site's ``getitem`` users (its output, and the new running
+    statistics where it returns them) and the counter's ``add`` take ``new``'s outputs."""
     node = site.node
     for user in list(node.users):
-        index = _index(user)
+        name = output_name(site, user)
         with graph.inserting_after(new):
-            replacement = out if index == 0 else graph.call_function(operator.getitem, (new, index - 2))
+            replacement = out if name == "out" else graph.call_function(operator.getitem, (new, _OP_OUTPUTS[name]))
         replacement.meta = dict(user.meta)
         user.replace_all_uses_with(replacement)
         graph.erase_node(user)
@@ -104,7 +105,7 @@ def _reroute_state_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, o
     update = site.tracked_update
     if update is not None and update.target is torch.ops.aten.add.Tensor:
         with graph.inserting_after(new):
-            new_tracked = graph.call_function(operator.getitem, (new, 3))
+            new_tracked = graph.call_function(operator.getitem, (new, _OP_OUTPUTS["new_num_batches_tracked"]))
         new_tracked.meta = dict(update.meta)
         update.replace_all_uses_with(new_tracked)
         graph.erase_node(update)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,16 +13,25 @@ import torch.nn.functional as F
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# Targets whose arguments follow aten's order:
-# (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled).
-_ATEN_ORDER_FORMS = {
-    torch.batch_norm: "torch.batch_norm",
+# aten forms, their arguments read by name from the op's schema (a form without a
+# ``training`` argument is eval mode; one without running statistics has none).
+_ATEN_FORMS = {
     torch.ops.aten.batch_norm.default: "aten.batch_norm",
-    # torch.export after run_decompositions(): returns (out, save_mean, save_rstd,
-    # new_running_mean, new_running_var) and leaves the buffers alone
+    # torch.export after run_decompositions(): training-mode sites
     torch.ops.aten._native_batch_norm_legit_functional.default: "aten._native_batch_norm_legit_functional",
+    torch.ops.aten._native_batch_norm_legit.no_stats: "aten._native_batch_norm_legit.no_stats",
+    # ... and eval-mode ones
+    torch.ops.aten._native_batch_norm_legit_no_training.default: "aten._native_batch_norm_legit_no_training",
 }
-FUNCTIONAL_STATE_FORMS = ("aten._native_batch_norm_legit_functional",)
+# The outputs of the forms that return a tuple, by name; the other forms return the output.
+# Decomposed export returns the new running statistics from the site and writes nothing.
+TUPLE_OUTPUTS = {
+    "aten._native_batch_norm_legit_functional": (
+        "out", "save_mean", "save_invstd", "new_running_mean", "new_running_var",
+    ),
+    "aten._native_batch_norm_legit.no_stats": ("out", "save_mean", "save_invstd"),
+    "aten._native_batch_norm_legit_no_training": ("out", "save_mean", "save_invstd"),
+}
 _FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -69,15 +79,38 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
             gm, node, "F.batch_norm", a["input"], a["weight"], a["bias"], a["running_mean"],
             a["running_var"], a["training"], a["momentum"], a["eps"],
         )
-    if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:  # decomposed eval
-        x, weight, bias, mean, var, momentum, eps = node.args[:7]
-        form = "aten._native_batch_norm_legit_no_training"
-        return _functional_site(gm, node, form, x, weight, bias, mean, var, False, momentum, eps)
-    form = _ATEN_ORDER_FORMS.get(node.target)
-    if form is not None:
+    if node.target is torch.batch_norm:  # aten's argument order, no schema to read
         x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
-        return _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps)
-    return None
+        return _functional_site(gm, node, "torch.batch_norm", x, weight, bias, mean, var, training, momentum, eps)
+    form = _ATEN_FORMS.get(node.target)
+    if form is None:
+        return None
+    a = _arguments(node)
+    return _functional_site(
+        gm, node, form, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
+        a.get("training", False), a["momentum"], a["eps"],
+    )
+
+
+def _arguments(node: fx.Node) -> dict[str, Any]:
+    """``node``'s arguments by their names in its op's schema, defaults filled in."""
+    arguments = {}
+    for position, argument in enumerate(node.target._schema.arguments):
+        if position < len(node.args):
+            arguments[argument.name] = node.args[position]
+        elif argument.name in node.kwargs:
+            arguments[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            arguments[argument.name] = argument.default_value
+    return arguments
+
+
+def output_name(site: BatchNormSite, user: fx.Node) -> str | None:
+    """Which named output of ``site`` the ``getitem`` node ``user`` takes (None otherwise)."""
+    names = TUPLE_OUTPUTS.get(site.form)
+    if names is None or user.target is not operator.getitem:
+        return None
+    return names[user.args[1]]
 
 
 def _module_site(node: fx.Node, module: _BatchNorm) -> BatchNormSite:

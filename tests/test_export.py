@@ -85,6 +85,40 @@ def test_explain_lists_every_site_of_both_irs():
             assert record.action == ("ghost" if training else "left alone"), record
 
 
+def variants_model():
+    # track_running_stats=False decomposes to aten._native_batch_norm_legit.no_stats
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4, track_running_stats=False),
+        torch.nn.BatchNorm2d(4, affine=False),
+        torch.nn.BatchNorm2d(4, momentum=0.3),
+    )
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
+def test_every_module_variant_is_a_site_of_both_irs(decomposed):
+    torch.manual_seed(0)
+    model = variants_model()
+    x = torch.randn(10, 3, 6, 6)
+    for training in (True, False):
+        ep = exported(copy.deepcopy(model).train(training), x, decomposed)
+        records = bnfx.explain(ep, ghost_batch_size=4).records
+        assert [r.name for r in records] == ["1", "2", "3"], records
+        # eval mode with track_running_stats=False uses batch statistics: rewritten too
+        expected = ["ghost"] * 3 if training else ["ghost", "left alone", "left alone"]
+        assert [r.action for r in records] == expected, records
+
+    # trained through the rewritten program: the eager rewrite of the module as reference
+    ep = exported(copy.deepcopy(model), x, decomposed)
+    module = bnfx.transform(ep, ghost_batch_size=4).module()
+    reference = copy.deepcopy(model)
+    eager = bnfx.transform(reference, ghost_batch_size=4)
+    for _ in range(2):
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-4, atol=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
 def test_sync_program_on_two_gloo_processes(decomposed):
     run_world(sync_workers.exported_sync, 2, decomposed)
