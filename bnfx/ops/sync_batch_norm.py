@@ -50,7 +50,12 @@ def _channel_view(per_channel: Tensor, input: Tensor) -> Tensor:
 
 
 class _LocalKernels:
-    """A rank's local work, any device, layout and dtype: PyTorch ops."""
+    """A rank's local work, any device, layout and dtype: PyTorch ops. A device's kernels
+    override it and say which inputs they take (``takes``)."""
+
+    @staticmethod
+    def takes(input: Tensor) -> bool:
+        return True
 
     @staticmethod
     def moments(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,16 +104,14 @@ class _CpuKernels(_LocalKernels):
     """CPU, contiguous fp32/fp64 input: the C++ statistics (float64), normalization and input
     gradient."""
 
+    takes = staticmethod(device_kernels.cpu_extension_takes)
+
     @staticmethod
     def moments(input):
-        if not device_kernels.cpu_extension_takes(input):
-            return _LocalKernels.moments(input)
         return device_kernels.cpu_extension().moments(input)
 
     @staticmethod
     def normalize(input, mean, var, weight, bias, eps):
-        if not device_kernels.cpu_extension_takes(input):
-            return _LocalKernels.normalize(input, mean, var, weight, bias, eps)
         scale = torch.rsqrt(var + eps)
         scale = scale if weight is None else scale * weight.double()
         shift = torch.zeros_like(scale) if bias is None else bias.double()
@@ -116,7 +119,7 @@ class _CpuKernels(_LocalKernels):
 
     @staticmethod
     def grad_input(grad_out, input, save_mean, a, k, c):
-        if not (device_kernels.cpu_extension_takes(input) and grad_out.dtype == input.dtype):
+        if grad_out.dtype != input.dtype:
             return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
         return device_kernels.cpu_extension().affine_grad(grad_out, input, a, k, c, mean=save_mean)
 
@@ -125,16 +128,16 @@ class _TritonKernels(_LocalKernels):
     """CUDA, fp32/fp16/bf16 input: the Triton kernels, the batch as one chunk."""
 
     @staticmethod
+    def takes(input):
+        return input.dtype in device_kernels.TRITON_DTYPES
+
+    @staticmethod
     def moments(input):
-        if input.dtype not in device_kernels.TRITON_DTYPES:
-            return _LocalKernels.moments(input)
         mean, m2 = device_kernels.triton_launchers().moments(input, input.shape[0])
         return mean[0], m2[0]
 
     @staticmethod
     def normalize(input, mean, var, weight, bias, eps):
-        if input.dtype not in device_kernels.TRITON_DTYPES:
-            return _LocalKernels.normalize(input, mean, var, weight, bias, eps)
         scale = torch.rsqrt(var + eps).float()
         scale = scale if weight is None else scale * weight.float()
         shift = None if bias is None else bias.float()
@@ -142,8 +145,6 @@ class _TritonKernels(_LocalKernels):
 
     @staticmethod
     def grad_sums(grad_out, input, save_mean, save_var, eps):
-        if input.dtype not in device_kernels.TRITON_DTYPES:
-            return _LocalKernels.grad_sums(grad_out, input, save_mean, save_var, eps)
         sum_dy, sum_dy_xmu = device_kernels.triton_launchers().backward_sums(
             grad_out, input, save_mean[None], input.shape[0]
         )
@@ -151,12 +152,15 @@ class _TritonKernels(_LocalKernels):
 
     @staticmethod
     def grad_input(grad_out, input, save_mean, a, k, c):
-        if input.dtype not in device_kernels.TRITON_DTYPES:
-            return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
         coefficients = (t.float()[None] for t in (a, k, c))
         return device_kernels.triton_launchers().backward_input(
             grad_out, input, save_mean[None], *coefficients, max(input.shape[0], 1)
         )
+
+
+def _local_kernels(device_kernel_set, input: Tensor):
+    """A device's local kernels where they take ``input``, else the PyTorch ones."""
+    return device_kernel_set if device_kernel_set.takes(input) else _LocalKernels
 
 
 def _global_moments(local, input: Tensor, shift: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,9 +200,10 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
     return new_mean, new_var, new_tracked
 
 
-def _sync_batch_norm(local, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
     contract.check_args(input, running_mean, momentum, num_batches_tracked)
+    local = _local_kernels(kernels, input)
     channels = input.shape[1]
     shift = (
         running_mean.detach().double()
@@ -244,7 +249,8 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momen
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
 
 
-def _sync_batch_norm_backward(local, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+    local = _local_kernels(kernels, input)
     if input.numel() == 0:  # torch's kernel divides by the batch size
         sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
     else:
