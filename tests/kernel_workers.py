@@ -36,18 +36,28 @@ def low_precision_bound(dtype: torch.dtype, torch_error: float, exact: torch.Ten
     return bound
 
 
-def _run(kernel: str, direction: str, *args):
-    """One direction of the sync op through ``kernel``, on CPU tensors."""
-    op = {"forward": torch.ops.bnfx.sync_batch_norm, "backward": torch.ops.bnfx.sync_batch_norm_backward}[direction]
+def run_cuda_kernel(op_def, *args):
+    """``op_def``'s CUDA kernel on ``args`` (CPU tensors), results on the CPU: through the op on
+    a GPU, else the registered function itself, in Triton's interpreter."""
+    if torch.cuda.is_available():
+        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        return tuple(t.cpu() for t in op_def(*moved))
+    kernel = device_kernels.registered_kernel(op_def, "cuda")
+    assert kernel is not None, "no CUDA kernel registered: Triton did not import"
+    return kernel(*args)
+
+
+def run_kernel(kernel: str, op_def, *args):
+    """``op_def`` through one of ``KERNELS``, on CPU tensors."""
     if kernel == "triton":
-        op_def = {"forward": sync_batch_norm, "backward": sync_batch_norm_backward}[direction]
-        if torch.cuda.is_available():
-            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            return tuple(t.cpu() for t in op(*moved))
-        return device_kernels.registered_kernel(op_def, "cuda")(*args)
-    scope = device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext()
-    with scope:
-        return op(*args)
+        return run_cuda_kernel(op_def, *args)
+    with device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext():
+        return op_def(*args)
+
+
+def _run(kernel: str, direction: str, *args):
+    """One direction of the sync op through ``kernel``."""
+    return run_kernel(kernel, {"forward": sync_batch_norm, "backward": sync_batch_norm_backward}[direction], *args)
 
 
 def triton_matches_cpu_op(rank: int, world_size: int, sizes, shape, dtype, channels_last) -> None:

@@ -16,22 +16,11 @@ import torch.nn.functional as F
 
 import bnfx  # noqa: F401
 import kernel_workers
-from bnfx.ops import device_kernels
 from bnfx.ops.ghost_batch_norm import ghost_batch_norm, ghost_batch_norm_backward
 from gloo_world import run_world
 
 ON_GPU = torch.cuda.is_available()
 OPS = ("ghost_batch_norm", "ghost_batch_norm_backward", "sync_batch_norm", "sync_batch_norm_backward")
-
-
-def run_cuda_kernel(op_def, *args):
-    """``op_def``'s CUDA kernel on ``args`` (CPU tensors), results on the CPU."""
-    if ON_GPU:
-        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-        return tuple(t.cpu() for t in op_def(*moved))
-    kernel = device_kernels.registered_kernel(op_def, "cuda")
-    assert kernel is not None, "no CUDA kernel registered: Triton did not import"
-    return kernel(*args)
 
 
 def test_every_op_has_a_cuda_kernel():
@@ -88,10 +77,10 @@ def test_ghost_kernel_matches_cpu_op(shape, g, channels_last, dtype):
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
     state = (torch.randn(channels), torch.rand(channels) + 0.5, torch.tensor(2))
 
-    got = run_cuda_kernel(ghost_batch_norm, x, weight, bias, *state, g, 0.1, 1e-5)
+    got = kernel_workers.run_cuda_kernel(ghost_batch_norm, x, weight, bias, *state, g, 0.1, 1e-5)
     # the CPU op on the same values in float32 (exact for bf16/fp16 input)
     want = torch.ops.bnfx.ghost_batch_norm(x.float(), weight, bias, *state, g, 0.1, 1e-5)
-    got_grads = run_cuda_kernel(ghost_batch_norm_backward, dy, x, weight, got[4], got[5], g, 1e-5)
+    got_grads = kernel_workers.run_cuda_kernel(ghost_batch_norm_backward, dy, x, weight, got[4], got[5], g, 1e-5)
     want_grads = torch.ops.bnfx.ghost_batch_norm_backward(dy.float(), x.float(), weight, want[4], want[5], g, 1e-5)
 
     assert got[0].dtype == got_grads[0].dtype == dtype
@@ -118,7 +107,7 @@ def test_ghost_kernel_empty_and_single_chunk_agree_with_plain_batch_norm():
     # one chunk (ghost size >= batch) is plain batch norm: torch's own as the reference
     torch.manual_seed(1)
     x = torch.randn(6, 4, 5, 5)
-    got = run_cuda_kernel(ghost_batch_norm, x, None, None, None, None, None, 64, 0.1, 1e-5)
+    got = kernel_workers.run_cuda_kernel(ghost_batch_norm, x, None, None, None, None, None, 64, 0.1, 1e-5)
     torch.testing.assert_close(got[0], F.batch_norm(x, None, None, training=True), atol=1e-5, rtol=1e-5)
     assert got[4].shape == (1, 4)
 

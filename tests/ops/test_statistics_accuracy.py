@@ -7,7 +7,6 @@ the batch's own variance). Every kernel must do no worse than torch's batch norm
 same data, up to the rounding of its float32 result (2 units in the last place).
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 
 import bnfx  # noqa: F401
 import kernel_workers
-from bnfx.ops import device_kernels
 from bnfx.ops.ghost_batch_norm import ghost_batch_norm
 from gloo_world import run_world
 
@@ -25,16 +23,6 @@ ULP = torch.finfo(torch.float32).eps
 def ill_conditioned(shape):
     generator = torch.Generator().manual_seed(0)
     return (1e4 + 1e-2 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
-
-
-def run_ghost(kernel, *args):
-    if kernel == "triton":
-        if torch.cuda.is_available():
-            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            return tuple(t.cpu() for t in ghost_batch_norm(*moved))
-        return device_kernels.registered_kernel(ghost_batch_norm, "cuda")(*args)
-    with device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext():
-        return torch.ops.bnfx.ghost_batch_norm(*args)
 
 
 def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
@@ -48,8 +36,10 @@ def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
 def test_ghost(kernel, shape, g):
     x = ill_conditioned(shape)
     channels, nchunks = shape[1], shape[0] // g
-    out, _, new_var, *_ = run_ghost(kernel, x, None, None, torch.zeros(channels), torch.zeros(channels), None,
-                                    g, 1.0, 1e-5)
+    zeros = torch.zeros(channels)
+    out, _, new_var, *_ = kernel_workers.run_kernel(
+        kernel, ghost_batch_norm, x, None, None, zeros, zeros.clone(), None, g, 1.0, 1e-5
+    )
     # Composer's running statistics: each chunk updates them with momentum 1 / nchunks, in
     # order; torch's batch norm per chunk does exactly that, in float32 and in float64
     chunks = x.double().unflatten(0, (nchunks, g))
