@@ -10,7 +10,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.passes.report import EVAL_MODE
-from bnfx.passes.sites import TUPLE_OUTPUTS, BatchNormSite, output_name
+from bnfx.passes.sites import ATEN_FORMS, SAVED_OUTPUTS, BatchNormSite, output_name
 
 # Why a site that uses batch statistics stays plain batch norm (``bnfx.explain``'s detail).
 OWN_FORWARD = "{} has its own forward"
@@ -38,7 +38,7 @@ def unsupported(site: BatchNormSite) -> str | None:
         return TRAINING_IN_GRAPH
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
         return MOMENTUM_NONE_WITHOUT_COUNTER
-    if any(output_name(site, user) in ("save_mean", "save_invstd") for user in site.node.users):
+    if any(output_name(site, user) in SAVED_OUTPUTS for user in site.node.users):
         return USES_SAVED_STATISTICS
     return None
 
@@ -71,19 +71,27 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
             name=name,
         )
         out = graph.call_function(operator.getitem, (new, 0))
-        returns_state = "new_running_mean" in TUPLE_OUTPUTS.get(site.form, ())
+        outputs = ATEN_FORMS[site.form].outputs if site.form in ATEN_FORMS else None
+        returns_state = "new_running_mean" in (outputs or ())
         for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
             if state is not None and not returns_state:  # else the graph returns the new state
                 new_state = graph.call_function(operator.getitem, (new, index))
                 graph.call_function(torch.ops.aten.copy_.default, (state, new_state))
-    if site.form in TUPLE_OUTPUTS:
+    if outputs:
         _reroute_outputs(graph, site, new, out)
+    else:
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    update = site.tracked_update
+    if tracked is None or update is None:
         return
-    out.meta = dict(node.meta)
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
-    if tracked is not None and site.tracked_update is not None:
-        graph.erase_node(site.tracked_update)
+    if update.target is torch.ops.aten.add.Tensor:  # decomposed export: the new counter is a value
+        with graph.inserting_after(new):
+            new_tracked = graph.call_function(operator.getitem, (new, _OP_OUTPUTS["new_num_batches_tracked"]))
+        new_tracked.meta = dict(update.meta)
+        update.replace_all_uses_with(new_tracked)
+    graph.erase_node(update)
 
 
 # the op's outputs that stand for a site's named outputs
@@ -91,8 +99,8 @@ _OP_OUTPUTS = {"new_running_mean": 1, "new_running_var": 2, "new_num_batches_tra
 
 
 def _reroute_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx.Node) -> None:
-    """Decomposed export: the site's ``getitem`` users (its output, and the new running
-    statistics where it returns them) and the counter's ``add`` take ``new``'s outputs."""
+    """A form that returns a tuple: its ``getitem`` users (its output, and the new running
+    statistics where it returns them) take ``new``'s outputs."""
     node = site.node
     for user in list(node.users):
         name = output_name(site, user)
@@ -102,10 +110,3 @@ def _reroute_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx
         user.replace_all_uses_with(replacement)
         graph.erase_node(user)
     graph.erase_node(node)
-    update = site.tracked_update
-    if update is not None and update.target is torch.ops.aten.add.Tensor:
-        with graph.inserting_after(new):
-            new_tracked = graph.call_function(operator.getitem, (new, _OP_OUTPUTS["new_num_batches_tracked"]))
-        new_tracked.meta = dict(update.meta)
-        update.replace_all_uses_with(new_tracked)
-        graph.erase_node(update)

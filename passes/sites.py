@@ -13,25 +13,57 @@ import torch.nn.functional as F
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# aten forms, their arguments read by name from the op's schema (a form without a
-# ``training`` argument is eval mode; one without running statistics has none).
-_ATEN_FORMS = {
+
+@dataclass(frozen=True)
+class AtenForm:
+    """How one aten op spells batch norm: its arguments are read by name from its schema."""
+
+    name: str
+    outputs: tuple[str, ...] | None = None  # the tuple it returns, by name; None: the output alone
+    training: bool | None = None  # None: the op's ``training`` argument says
+    # the schema's names for momentum and eps, where they differ
+    momentum_argument: str = "momentum"
+    eps_argument: str = "eps"
+
+
+_SAVED = ("save_mean", "save_invstd")
+_NEW_STATE = ("new_running_mean", "new_running_var")
+# Every form torch 2.14 emits: training IR and pre-dispatch graphs (aten.batch_norm),
+# decomposed export and AOTAutograd graphs (the functional forms, which return the new running
+# statistics and write nothing), make_fx graphs without functionalization (the in-place forms).
+ATEN_FORMS = {
+    form.name: form
+    for form in (
+        AtenForm("aten.batch_norm"),
+        AtenForm("aten._native_batch_norm_legit_functional", ("out", *_SAVED, *_NEW_STATE)),
+        AtenForm("aten._native_batch_norm_legit", ("out", *_SAVED)),
+        AtenForm("aten._native_batch_norm_legit.no_stats", ("out", *_SAVED)),
+        AtenForm("aten._native_batch_norm_legit_no_training", ("out", *_SAVED), training=False),
+        AtenForm("aten.native_batch_norm", ("out", *_SAVED)),
+        AtenForm("aten._batch_norm_with_update", ("out", *_SAVED, "reserve"), training=True),
+        AtenForm("aten._batch_norm_with_update_functional", ("out", *_SAVED, "reserve", *_NEW_STATE), training=True),
+        AtenForm("aten._batch_norm_no_update", ("out", *_SAVED, "reserve"), training=False),
+        AtenForm(
+            "aten.cudnn_batch_norm", ("out", *_SAVED, "reserve"),
+            momentum_argument="exponential_average_factor", eps_argument="epsilon",
+        ),
+    )
+}
+_ATEN_OPS = {
     torch.ops.aten.batch_norm.default: "aten.batch_norm",
-    # torch.export after run_decompositions(): training-mode sites
     torch.ops.aten._native_batch_norm_legit_functional.default: "aten._native_batch_norm_legit_functional",
+    torch.ops.aten._native_batch_norm_legit.default: "aten._native_batch_norm_legit",
     torch.ops.aten._native_batch_norm_legit.no_stats: "aten._native_batch_norm_legit.no_stats",
-    # ... and eval-mode ones
     torch.ops.aten._native_batch_norm_legit_no_training.default: "aten._native_batch_norm_legit_no_training",
+    torch.ops.aten.native_batch_norm.default: "aten.native_batch_norm",
+    torch.ops.aten._batch_norm_with_update.default: "aten._batch_norm_with_update",
+    torch.ops.aten._batch_norm_with_update_functional.default: "aten._batch_norm_with_update_functional",
+    torch.ops.aten._batch_norm_no_update.default: "aten._batch_norm_no_update",
+    torch.ops.aten.cudnn_batch_norm.default: "aten.cudnn_batch_norm",
 }
-# The outputs of the forms that return a tuple, by name; the other forms return the output.
-# Decomposed export returns the new running statistics from the site and writes nothing.
-TUPLE_OUTPUTS = {
-    "aten._native_batch_norm_legit_functional": (
-        "out", "save_mean", "save_invstd", "new_running_mean", "new_running_var",
-    ),
-    "aten._native_batch_norm_legit.no_stats": ("out", "save_mean", "save_invstd"),
-    "aten._native_batch_norm_legit_no_training": ("out", "save_mean", "save_invstd"),
-}
+# The outputs that only batch norm's own backward reads.
+SAVED_OUTPUTS = (*_SAVED, "reserve")
+
 _FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -82,13 +114,14 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
     if node.target is torch.batch_norm:  # aten's argument order, no schema to read
         x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
         return _functional_site(gm, node, "torch.batch_norm", x, weight, bias, mean, var, training, momentum, eps)
-    form = _ATEN_FORMS.get(node.target)
-    if form is None:
+    name = _ATEN_OPS.get(node.target)
+    if name is None:
         return None
-    a = _arguments(node)
+    form, a = ATEN_FORMS[name], _arguments(node)
+    training = a["training"] if form.training is None else form.training
     return _functional_site(
-        gm, node, form, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
-        a.get("training", False), a["momentum"], a["eps"],
+        gm, node, name, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
+        training, a[form.momentum_argument], a[form.eps_argument],
     )
 
 
@@ -107,7 +140,8 @@ def _arguments(node: fx.Node) -> dict[str, Any]:
 
 def output_name(site: BatchNormSite, user: fx.Node) -> str | None:
     """Which named output of ``site`` the ``getitem`` node ``user`` takes (None otherwise)."""
-    names = TUPLE_OUTPUTS.get(site.form)
+    form = ATEN_FORMS.get(site.form)
+    names = form.outputs if form else None
     if names is None or user.target is not operator.getitem:
         return None
     return names[user.args[1]]
