@@ -9,7 +9,7 @@ import operator
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind, TensorArgument
 
 from bnfx.passes import Report, run_passes
 
@@ -22,14 +22,10 @@ def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -
     (``aten._native_batch_norm_legit_functional``, whose new state the program returns as
     BUFFER_MUTATION outputs, now taken from the bnfx op).
     """
-    if options.freeze:
-        # The frozen rewrite emits torch-level calls (F.batch_norm, Tensor.detach), which an
-        # exported program's aten-only graph does not admit.
-        raise NotImplementedError("freeze=True is not available for torch.export programs; got freeze=True")
     gm = copy.deepcopy(ep.graph_module)
     report = run_passes(gm, options, dry_run=dry_run)
     _fill_fake_values(gm)
-    signature = _renamed(ep.graph_signature, gm)
+    signature = _without_unchanged_buffers(_renamed(ep.graph_signature, gm), gm)
     rewritten = ExportedProgram(
         root=gm,
         graph=gm.graph,
@@ -72,6 +68,25 @@ def _renamed(signature: ExportGraphSignature, gm: fx.GraphModule) -> ExportGraph
         input_specs=[_named(spec, node) for spec, node in zip(signature.input_specs, placeholders)],
         output_specs=[_named(spec, node) for spec, node in zip(signature.output_specs, returned)],
     )
+
+
+def _without_unchanged_buffers(signature: ExportGraphSignature, gm: fx.GraphModule) -> ExportGraphSignature:
+    """Drop the buffer mutations that return the buffer itself (frozen sites): a write of a
+    buffer onto itself would bump its version under autograd, which batch norm's backward
+    refuses once it saved the buffer."""
+    inputs = {spec.arg.name: spec.target for spec in signature.input_specs if spec.kind == InputKind.BUFFER}
+    output = gm.graph.output_node()
+    kept = [
+        (spec, node)
+        for spec, node in zip(signature.output_specs, output.args[0])
+        if not (spec.kind == OutputKind.BUFFER_MUTATION and inputs.get(getattr(node, "name", None)) == spec.target)
+    ]
+    if len(kept) == len(signature.output_specs):
+        return signature
+    output.args = (tuple(node for _, node in kept),)
+    gm.graph.lint()
+    gm.recompile()
+    return ExportGraphSignature(input_specs=signature.input_specs, output_specs=[spec for spec, _ in kept])
 
 
 def _named(spec, node):

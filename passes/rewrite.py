@@ -38,9 +38,14 @@ def unsupported(site: BatchNormSite) -> str | None:
         return TRAINING_IN_GRAPH
     if site.running_mean is not None and site.momentum is None and site.num_batches_tracked is None:
         return MOMENTUM_NONE_WITHOUT_COUNTER
-    if any(output_name(site, user) in SAVED_OUTPUTS for user in site.node.users):
+    if reads_saved_statistics(site):
         return USES_SAVED_STATISTICS
     return None
+
+
+def reads_saved_statistics(site: BatchNormSite) -> bool:
+    """The graph reads the statistics a tuple form saves for its backward."""
+    return any(output_name(site, user) in SAVED_OUTPUTS for user in site.node.users)
 
 
 def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> None:

@@ -124,9 +124,37 @@ def test_sync_program_on_two_gloo_processes(decomposed):
     run_world(sync_workers.exported_sync, 2, decomposed)
 
 
-def test_freeze_on_an_exported_program_is_refused():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    ep = torch.export.export(model, (torch.randn(8, 3, 6, 6),))
-    with pytest.raises(NotImplementedError, match="freeze=True is not available for torch.export programs"):
-        bnfx.transform(ep, freeze=True)
-    assert count(ep.graph_module, torch.ops.aten.batch_norm.default) == 1  # the program is untouched
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
+def test_freeze_on_exported_programs_equals_the_module_level_freeze(tmp_path, decomposed):
+    torch.manual_seed(0)
+    model = variants_model()
+    with torch.no_grad():
+        for bn in list(model)[1:]:
+            if bn.running_mean is not None:
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(10, 3, 6, 6)
+    for training in (True, False):
+        ep = exported(copy.deepcopy(model).train(training), x, decomposed)
+        records = bnfx.explain(ep, freeze=True).records
+        # track_running_stats=False has no running statistics to freeze with: sync mode's
+        # reason (no process group here) keeps it plain
+        assert [r.action for r in records] == ["left alone", "frozen", "frozen"], records
+        rewritten = bnfx.transform(ep, freeze=True)
+        path = tmp_path / f"frozen_{training}.pt2"
+        torch.export.save(rewritten, path)
+        module = torch.export.load(path).module()
+        before = copy.deepcopy(module.state_dict())
+
+        reference = copy.deepcopy(model).train(training)
+        expected = bnfx.transform(reference, freeze=True)(x)
+        out = module(x)
+        torch.testing.assert_close(out, expected)
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)  # nothing updates
+        out.backward(torch.randn_like(out))
+        params = dict(module.named_parameters())
+        for name in ("2.weight", "2.bias", "3.weight", "3.bias"):  # affine=False has none at 2
+            if name in params:
+                assert params[name].grad is None, name
+        assert params["0.weight"].grad is not None  # the rest of the model still trains

@@ -1,0 +1,67 @@
+"""Freeze a batch-norm site: normalize with its running statistics, update nothing, no
+gradient to weight or bias (MegEngine's ``freeze=True``), at the site's own IR level."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from bnfx.functional import frozen_batch_norm_module
+from bnfx.passes.rewrite import replace_module_site
+from bnfx.passes.sites import ATEN_FORMS, BatchNormSite, output_name
+
+A = torch.ops.aten
+_EVAL_OUTPUTS = ATEN_FORMS["aten._native_batch_norm_legit_no_training"].outputs
+
+
+def has_running_stats(site: BatchNormSite) -> bool:
+    if site.form == "call_module":
+        return site.module.running_mean is not None
+    return site.running_mean is not None
+
+
+def freeze_site(gm: fx.GraphModule, site: BatchNormSite, name: str) -> None:
+    """``site`` -> eval-mode batch norm with detached weight and bias; the counter update is
+    dropped, and where the graph returns new running statistics (decomposed export's
+    buffer mutations) it returns the unchanged ones."""
+    if site.form == "call_module":
+        replace_module_site(gm, site, frozen_batch_norm_module, (), name)
+        return
+    graph, node = gm.graph, site.node
+    aten = site.form.startswith("aten.")
+    # Exported (aten) graphs admit aten ops only; Dynamo's graphs are torch-level.
+    detach = A.detach.default if aten else torch.Tensor.detach
+    with graph.inserting_before(node):
+        weight, bias = (None if p is None else graph.call_function(detach, (p,)) for p in (site.weight, site.bias))
+        args = (site.input, weight, bias, site.running_mean, site.running_var)
+        if not aten:
+            new = graph.call_function(F.batch_norm, (site.input, site.running_mean, site.running_var,
+                                                     weight, bias, False, 0.0, site.eps))
+        elif site.form == "aten.batch_norm":
+            new = graph.call_function(A.batch_norm.default, (*args, False, 0.0, site.eps, False))
+        else:  # a tuple form; the callers left alone those whose reserve output is read
+            new = graph.call_function(A._native_batch_norm_legit_no_training.default, (*args, 0.0, site.eps))
+    new.name = name
+    new.meta = dict(node.meta)
+    if site.form in ATEN_FORMS and ATEN_FORMS[site.form].outputs:
+        unchanged = {"new_running_mean": site.running_mean, "new_running_var": site.running_var}
+        for user in list(node.users):
+            output = output_name(site, user)
+            if output in unchanged:
+                replacement = unchanged[output]
+            else:
+                with graph.inserting_after(new):
+                    replacement = graph.call_function(operator.getitem, (new, _EVAL_OUTPUTS.index(output)))
+                replacement.meta = dict(user.meta)
+            user.replace_all_uses_with(replacement)
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    update = site.tracked_update
+    if update is not None:
+        update.replace_all_uses_with(site.num_batches_tracked)  # decomposed export returns it
+        graph.erase_node(update)
