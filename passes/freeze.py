@@ -33,9 +33,14 @@ def freeze_site(gm: fx.GraphModule, site: BatchNormSite, name: str) -> None:
     graph, node = gm.graph, site.node
     aten = site.form.startswith("aten.")
     # Exported (aten) graphs admit aten ops only; Dynamo's graphs are torch-level.
-    detach = A.detach.default if aten else torch.Tensor.detach
+
+    def detach(param):
+        if param is None:
+            return None
+        return graph.call_function(A.detach.default, (param,)) if aten else graph.call_method("detach", (param,))
+
     with graph.inserting_before(node):
-        weight, bias = (None if p is None else graph.call_function(detach, (p,)) for p in (site.weight, site.bias))
+        weight, bias = detach(site.weight), detach(site.bias)
         args = (site.input, weight, bias, site.running_mean, site.running_var)
         if not aten:
             new = graph.call_function(F.batch_norm, (site.input, site.running_mean, site.running_var,
