@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 # Why sync mode runs plain batch norm, as torch's SyncBatchNorm does.
@@ -24,7 +25,7 @@ class SyncGroup:
     size: int
 
 
-def sync_group(sync, group_size: int | None, *, create: bool = True) -> tuple[SyncGroup | None, str]:
+def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str = "") -> tuple[SyncGroup | None, str]:
     """``(group, "")`` to synchronize over, or ``(None, reason)`` when batch norm stays local.
 
     Like torch's SyncBatchNorm, no initialized process group, or a group of one rank, means
@@ -32,7 +33,9 @@ def sync_group(sync, group_size: int | None, *, create: bool = True) -> tuple[Sy
     (apex's ``create_syncbn_process_group``). The first call creates bnfx's own communicator
     over this rank's block (only the block's ranks take part), so every rank of the block
     must rewrite its model (``transform``, or the first compiled step) for it to complete.
-    ``create=False`` (``bnfx.explain``) checks the same and creates nothing: no collective,
+    Creating it, the ranks also compare their ``plan`` (what this rewrite does: how many sites
+    it synchronizes, with which options) and raise on every rank when they differ, since their
+    collectives would not match. ``create=False`` (``bnfx.explain``) checks the same and creates nothing: no collective,
     so one rank alone may call it.
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -51,7 +54,7 @@ def sync_group(sync, group_size: int | None, *, create: bool = True) -> tuple[Sy
         )
     if not create:
         return SyncGroup("(not created by bnfx.explain)", size), ""
-    return SyncGroup(_communicator(group, ranks, size).group_name, size), ""
+    return SyncGroup(_communicator(group, ranks, size, plan).group_name, size), ""
 
 
 def _named_group(sync) -> dist.ProcessGroup:
@@ -65,8 +68,9 @@ def _named_group(sync) -> dist.ProcessGroup:
         raise ValueError(f"sync={sync!r} names no process group of this process") from error
 
 
-def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int) -> dist.ProcessGroup:
-    """A group of this rank's block of ``size`` ranks of ``group``, for bnfx alone.
+def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: str) -> dist.ProcessGroup:
+    """A group of this rank's block of ``size`` ranks of ``group``, for bnfx alone, created
+    with ``group``'s timeout once every rank of the block showed the same ``plan``.
 
     Its own communicator keeps the small, blocking batch-norm collectives from queueing behind
     the large asynchronous ones that share the user's group (DDP's gradient buckets).
@@ -76,5 +80,35 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int) -> dist
         return _communicators[key]
     index = ranks.index(dist.get_rank()) // size
     block = ranks[index * size : (index + 1) * size]
-    _communicators[key] = dist.new_group(block, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}")
-    return _communicators[key]
+    timeout = _timeout(group)
+    try:
+        communicator = dist.new_group(
+            block, timeout=timeout, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}"
+        )
+        plans = [None] * size
+        dist.all_gather_object(plans, plan, group=communicator)
+    except Exception as error:
+        raise RuntimeError(
+            f"bnfx: ranks {block} did not all rewrite for sync mode within the group's timeout ({timeout}): "
+            "every rank of a sync group must rewrite the same model with the same options "
+            f"(this rank: {plan}). {type(error).__name__}: {error}"
+        ) from error
+    if len(set(plans)) > 1:
+        dist.destroy_process_group(communicator)
+        listing = "; ".join(f"rank {rank}: {p}" for rank, p in zip(block, plans))
+        raise RuntimeError(
+            f"bnfx: the ranks of sync group {block} rewrote differently, so their batch-norm collectives "
+            f"would not match: {listing}. Rewrite the same model with the same options on every rank"
+        )
+    _communicators[key] = communicator
+    return communicator
+
+
+def _timeout(group: dist.ProcessGroup):
+    """``group``'s collective timeout (None: torch's default), for a communicator beside it."""
+    for device_type in group._device_types:
+        try:
+            return group._get_backend(torch.device(device_type)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None

@@ -9,7 +9,7 @@ from bnfx.functional import sync_batch_norm_module
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import reads_saved_statistics, replace_functional_site, replace_module_site, unsupported
-from bnfx.passes.sites import match_site
+from bnfx.passes.sites import find_sites, match_site
 from bnfx.process_groups import sync_group
 
 
@@ -18,10 +18,16 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
 
     ``dry_run`` (``bnfx.explain``) creates no communicator: the graph names none that runs.
     """
-    group, fallback = sync_group(options.sync, options.group_size, create=not dry_run)
-    sites = (match_site(gm, node) for node in list(gm.graph.nodes))
-    for index, site in enumerate(site for site in sites if site is not None):
-        if options.freeze and has_running_stats(site) and not reads_saved_statistics(site):
+    nodes, frozen, synced = [], 0, 0
+    for site in find_sites(gm):
+        nodes.append(site.node)
+        frozen += _freezes(site, options)
+        synced += not _freezes(site, options) and unsupported(site) is None
+    plan = f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})"
+    group, fallback = sync_group(options.sync, options.group_size, create=not dry_run, plan=plan)
+    # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
+    for index, site in enumerate(match_site(gm, node) for node in nodes):
+        if _freezes(site, options):
             freeze_site(gm, site, f"frozen_bn_{index}")
             report.rewritten(site, "frozen", "running statistics, no update, no weight/bias gradient")
             continue
@@ -39,3 +45,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _freezes(site, options) -> bool:
+    return options.freeze and has_running_stats(site) and not reads_saved_statistics(site)

@@ -189,6 +189,32 @@ def peer_dies(rank: int, world_size: int) -> dict[str, object]:
     return {"raised": None, "seconds": time.monotonic() - start}
 
 
+def mismatched_ranks(rank: int, world_size: int, mismatch: str, door: str) -> dict[str, object]:
+    """Rank 1 rewrites with other options (or a model with one more batch norm): every rank
+    must raise when the communicator is created, before any batch-norm collective, and its
+    model must stay as it was."""
+    layers = [nn.BatchNorm2d(CHANNELS), nn.ReLU()]
+    if mismatch == "sites" and rank == 1:
+        layers.append(nn.BatchNorm2d(CHANNELS))
+    model = nn.Sequential(*layers)
+    options = {"sync": True, "freeze": mismatch == "options" and rank == 1}
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, CHANNELS, 2, 2)
+    start = time.monotonic()
+    try:
+        if door == "transform":
+            bnfx.transform(model, **options)(x)
+        else:
+            torch.compile(model, backend="bnfx", fullgraph=True, options={**options, "inner": "aot_eager"})(x)
+    except Exception as error:  # noqa: BLE001 - the point of the test
+        message = str(error)
+    else:
+        message = None
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    return {"message": message, "seconds": time.monotonic() - start}
+
+
 def _ddp_step_params(rank, world_size, sizes, door, steps=2):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -31,6 +31,19 @@ def test_a_dead_peer_raises_instead_of_hanging():
 
 
 @pytest.mark.parametrize("door", sync_workers.DOORS)
+@pytest.mark.parametrize("mismatch", ["options", "sites"])
+def test_ranks_that_rewrite_differently_raise_on_every_rank(mismatch, door):
+    results = run_world(sync_workers.mismatched_ranks, 2, mismatch, door, timeout=120, pg_timeout=10)
+    for rank, result in enumerate(results):
+        message = result["message"]
+        assert message and "rewrote differently" in message, result
+        assert "rank 0: 1 synchronized and 0 frozen" in message, message
+        expected = "rank 1: 0 synchronized and 1 frozen" if mismatch == "options" else "rank 1: 2 synchronized"
+        assert expected in message, message
+        assert result["seconds"] < 30, result
+
+
+@pytest.mark.parametrize("door", sync_workers.DOORS)
 def test_distributed_data_parallel_trains_like_one_process(door):
     run_world(sync_workers.ddp, 2, door)
 

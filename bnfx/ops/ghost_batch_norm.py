@@ -50,17 +50,22 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
     contract.check_args(input, running_mean, momentum, num_batches_tracked)
-    if input.shape[0] == 0:
-        raise ValueError("input must have a non-empty batch dimension, got batch size 0")
-    chunk_size, _, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
-    if (last or chunk_size) * input[0, 0].numel() == 1:
-        raise ValueError(
+    batch = input.shape[0]
+    torch._check_value(batch != 0, lambda: "input must have a non-empty batch dimension, got batch size 0")
+    # The last chunk is the smallest. Under dynamic shapes this is one condition on the
+    # symbolic batch size (true across the range), not a branch on B % chunk_size.
+    chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
+    last = batch - (ghost_chunk_count(batch, ghost_batch_size) - 1) * chunk_size
+    torch._check_value(
+        last * input[0, 0].numel() != 1,
+        lambda: (
             f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
             f"ghost batch of 1 sample of shape {tuple(_concrete(n) for n in input.shape[1:])} "
-            f"(batch size {_concrete(input.shape[0])}, ghost_batch_size={ghost_batch_size}, split as "
+            f"(batch size {_concrete(batch)}, ghost_batch_size={ghost_batch_size}, split as "
             f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
             f"ghost_batch_size whose last ghost batch has 2 samples or more"
-        )
+        ),
+    )
 
 
 def _concrete(size) -> int:
@@ -126,8 +131,11 @@ def _new_running_stats(
     unbiased_vars: Tensor,  # [nchunks, C]
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    nchunks = means.shape[0]
     means, unbiased_vars = means.to(running_mean.dtype), unbiased_vars.to(running_var.dtype)
+    # [nchunks] 0, 1, ..., nchunks - 1; the chunk count as a tensor, so that a symbolic batch
+    # size makes no Python float (which compilers would specialize on)
+    index = torch.arange(means.shape[0], dtype=means.dtype, device=means.device)
+    nchunks = index[-1] + 1
     if momentum is None:
         # Each chunk is one batch of the cumulative average, after the batches seen before.
         seen = num_batches_tracked.to(running_mean.dtype)
@@ -136,11 +144,10 @@ def _new_running_stats(
     # Composer's sequential updates r <- (1 - f) r + f x_j with f = momentum / nchunks,
     # unrolled: chunk j is weighted f (1 - f)^(nchunks - 1 - j).
     f = momentum / nchunks
-    decay = torch.logspace(nchunks - 1, 0, nchunks, base=1.0 - f, dtype=means.dtype, device=means.device)
+    weights = (f * (1.0 - f) ** (nchunks - 1 - index)).unsqueeze(1)  # [nchunks, 1]
     keep = (1.0 - f) ** nchunks
-    new_mean = torch.addmv(running_mean, means.t(), decay, beta=keep, alpha=f)
-    new_var = torch.addmv(running_var, unbiased_vars.t(), decay, beta=keep, alpha=f)
-    return new_mean, new_var
+    # sums, not a matmul: TF32 matmuls would round the statistics
+    return running_mean * keep + (weights * means).sum(0), running_var * keep + (weights * unbiased_vars).sum(0)
 
 
 def _forward_views(input, weight, bias, ghost_batch_size, eps):
@@ -340,53 +347,80 @@ if device_kernels.triton_launchers() is not None:
     )
 
 
-# Decompositions into primitive ops, for compilers that fuse them (inductor): the same
-# segment views and formulas, written functionally so that each segment becomes one fused
-# reduction and one fused pointwise kernel.
+# Decompositions into primitive ops, for compilers that fuse them (inductor). They index
+# chunks instead of slicing segments, so that nothing depends on the batch size's value:
+# compiled for a dynamic batch, one graph serves every size. Statistics: one Welford
+# reduction per (sample, channel), merged per chunk with Chan's formula.
+
+
+def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, Tensor]:
+    """``([B] chunk of each sample, [nchunks, B] membership mask)``."""
+    batch = input.shape[0]
+    chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
+    chunk_of = torch.arange(batch, device=input.device) // chunk_size
+    chunks = torch.arange(ghost_chunk_count(batch, ghost_batch_size), device=input.device)
+    return chunk_of, chunks.unsqueeze(1) == chunk_of
+
+
+def _over_space(t: Tensor) -> Tensor:
+    """[B, C, ...] -> [B, C] sums over the spatial dimensions."""
+    return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+def _per_chunk(per_sample: Tensor, member: Tensor) -> Tensor:
+    """[B, C] -> [nchunks, C] sums over each chunk's samples (exact sums, not a matmul)."""
+    return torch.where(member.unsqueeze(2), per_sample.unsqueeze(0), 0).sum(1)
+
+
+def _to_samples(per_chunk: Tensor, chunk_of: Tensor, like: Tensor) -> Tensor:
+    """[nchunks, C] -> [B, C, 1, ...]: each sample's chunk value, broadcast against ``like``."""
+    return per_chunk[chunk_of].view(per_chunk[chunk_of].shape + (1,) * (like.dim() - 2))
+
+
+def _chunk_sizes(input: Tensor, member: Tensor, dtype: torch.dtype) -> Tensor:
+    """[nchunks, 1] values per channel of each chunk."""
+    return member.sum(1, keepdim=True).to(dtype) * input[0, 0].numel()
 
 
 def ghost_batch_norm_decomposition(
     input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
 ):
     dtype = contract.stat_dtype(input)
-    spatial = (1,) * (input.dim() - 2)
-    outs, means, invstds, unbiased_vars = [], [], [], []
-    for x in _segments(input, ghost_batch_size):
-        size = _values_per_channel(x)
-        values = x.to(dtype)
-        # one Welford reduction in inductor; [chunks, C] each
-        biased_var, mean = torch.var_mean(values, dim=(1,) + tuple(range(3, x.dim())), correction=0)
-        invstd = torch.rsqrt(biased_var + eps)
-        y = (values - _broadcast(mean, x)) * _broadcast(invstd if weight is None else invstd * weight, x)
-        if bias is not None:
-            y = y + bias.view((-1,) + spatial)
-        outs.append(y.to(input.dtype).flatten(0, 1))
-        means.append(mean)
-        invstds.append(invstd)
-        unbiased_vars.append(biased_var * (size / max(size - 1, 1)))
-    save_mean, save_invstd = _cat(means), _cat(invstds)
-    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, _cat(unbiased_vars), momentum)
-    return (_cat(outs), *state, save_mean, save_invstd)
+    chunk_of, member = _chunk_index(input, ghost_batch_size)
+    values = input.to(dtype)
+    per_sample = input[0, 0].numel()
+    if input.dim() > 2:
+        sample_var, sample_mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)  # [B, C]
+    else:
+        sample_var, sample_mean = torch.zeros_like(values), values
+    sizes = _chunk_sizes(input, member, dtype)
+    mean = _per_chunk(sample_mean, member) * per_sample / sizes  # [nchunks, C]
+    deviation = sample_mean - mean[chunk_of]
+    m2 = _per_chunk(sample_var + deviation * deviation, member) * per_sample
+    invstd = torch.rsqrt(m2 / sizes + eps)
+    scale = invstd if weight is None else invstd * weight
+    out = (values - _to_samples(mean, chunk_of, input)) * _to_samples(scale, chunk_of, input)
+    if bias is not None:
+        out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
+    unbiased = m2 / (sizes - 1).clamp(min=1)
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
+    return (out.to(input.dtype), *state, mean, invstd)
 
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
     dtype = contract.stat_dtype(input)
-    grads, start, sums_dy, sums_dy_xmu = [], 0, [], []
-    for dy, x in zip(_segments(grad_out, ghost_batch_size), _segments(input, ghost_batch_size)):
-        chunks, size = x.shape[0], _values_per_channel(x)
-        mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
-        start += chunks
-        dy_values = dy.to(dtype)
-        centered = x.to(dtype) - _broadcast(mean, x)
-        sum_dy = _chunk_sums(dy_values, dtype)  # [chunks, C]
-        sum_dy_xmu = _chunk_sums(dy_values * centered, dtype)
-        a = invstd if weight is None else invstd * weight
-        k = sum_dy_xmu / size * invstd * invstd
-        dx = _broadcast(a, x) * (dy_values - _broadcast(sum_dy / size, x) - centered * _broadcast(k, x))
-        grads.append(dx.to(input.dtype).flatten(0, 1))
-        sums_dy.append(sum_dy)
-        sums_dy_xmu.append(sum_dy_xmu)
-    return _input_and_affine_grads(input, weight, _cat(grads), _cat(sums_dy), _cat(sums_dy_xmu), save_invstd)
+    chunk_of, member = _chunk_index(input, ghost_batch_size)
+    dy = grad_out.to(dtype)
+    centered = input.to(dtype) - _to_samples(save_mean, chunk_of, input)
+    sum_dy = _per_chunk(_over_space(dy), member)  # [nchunks, C]
+    sum_dy_xmu = _per_chunk(_over_space(dy * centered), member)
+    sizes = _chunk_sizes(input, member, dtype)
+    scale = save_invstd if weight is None else save_invstd * weight
+    k = sum_dy_xmu / sizes * save_invstd * save_invstd
+    grad_input = _to_samples(scale, chunk_of, input) * (
+        dy - _to_samples(sum_dy / sizes, chunk_of, input) - centered * _to_samples(k, chunk_of, input)
+    )
+    return _input_and_affine_grads(input, weight, grad_input.to(input.dtype), sum_dy, sum_dy_xmu, save_invstd)
 
 
 DECOMPOSITIONS = {

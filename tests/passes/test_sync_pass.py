@@ -22,7 +22,7 @@ SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
 def two_ranks(monkeypatch):
     """Graph-structure tests only: the pass sees a group of 2 ranks (the op is never run)."""
     group = SyncGroup("fake", 2)
-    monkeypatch.setattr(sync_pass, "sync_group", lambda sync, group_size, create: (group, ""))
+    monkeypatch.setattr(sync_pass, "sync_group", lambda sync, group_size, create, plan: (group, ""))
 
 
 def capture_graph(model, x, **options):
