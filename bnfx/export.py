@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import operator
@@ -47,7 +48,12 @@ def _fill_fake_values(gm: fx.GraphModule) -> None:
     def value(arg):
         return arg.meta["val"] if isinstance(arg, fx.Node) else arg
 
-    with fake_mode:
+    # The program's guards were settled by export; the ops check their arguments again when
+    # they run, so the conditions their fake kernels test (a dynamic batch's chunk layout)
+    # must not become guards of the program (ExportedProgram reads them from the shape env).
+    shape_env = fake_mode.shape_env
+    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    with fake_mode, no_guards:
         for node in gm.graph.nodes:
             if node.op != "call_function" or "val" in node.meta:
                 continue

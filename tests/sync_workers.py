@@ -306,6 +306,36 @@ def inductor_step(rank: int, world_size: int) -> None:
     torch.testing.assert_close(_sum_over_ranks(model[0].weight.grad), reference[0].weight.grad, **TOL)
 
 
+def dynamic_batches(rank: int, world_size: int, batches) -> int:
+    """Compiled sync model fed a changing batch size (rank 1 gets 3 samples fewer): each step
+    equals plain batch norm on the concatenated batch; returns the graphs Dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4, affine=False))
+    model = model.double()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfx", options={"sync": True, "inner": "aot_eager"})
+    for step, batch in enumerate(batches):
+        sizes = [batch, batch - 3]
+        generator = torch.Generator().manual_seed(step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 6, 6, generator=generator, dtype=torch.float64)
+        grad_all = torch.randn(sum(sizes), 4, 4, 4, generator=generator, dtype=torch.float64)
+        mine = _rank_slice(sizes, rank)
+        x = x_all[mine].requires_grad_()
+        x_ref = x_all.clone().requires_grad_()
+        out, out_ref = compiled(x), reference(x_ref)
+        out.backward(grad_all[mine])
+        out_ref.backward(grad_all)
+        torch.testing.assert_close(out, out_ref[mine], **TOL)
+        torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, **TOL, msg=key)
+    return counters["stats"]["unique_graphs"]
+
+
 def named_groups(rank: int, world_size: int) -> dict[str, object]:
     """sync=ProcessGroup and sync=<its name> over ranks {0, 2} of 3; rank 1 gets plain batch norm."""
     pair = dist.new_group([0, 2])  # every rank calls new_group; rank 1 receives NON_GROUP_MEMBER
