@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
+from bnfx.own_forward import run_own_forward
 
 
 def ghost_batch_norm(
@@ -96,9 +97,31 @@ def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
     train and eval mode; weight and bias get no gradient (MegEngine's ``freeze=True``)."""
     _initialize_lazy(module, input)
     module._check_input_dim(input)
-    weight = None if module.weight is None else module.weight.detach()
-    bias = None if module.bias is None else module.bias.detach()
-    return F.batch_norm(input, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
+    return _frozen_batch_norm(input, module.running_mean, module.running_var, module.weight, module.bias, 0.0, module.eps)
+
+
+def ghost_own_forward(module: _BatchNorm, ghost_batch_size: int, *args, **kwargs):
+    """``module(*args, **kwargs)``, a subclass with its own forward, with ghost statistics in
+    the batch-norm call inside it."""
+    return run_own_forward(module, ghost_batch_norm, {"ghost_batch_size": ghost_batch_size}, *args, **kwargs)
+
+
+def sync_own_forward(module: _BatchNorm, group_name: str, *args, **kwargs):
+    """``module(*args, **kwargs)``, a subclass with its own forward, with statistics over the
+    process group ``group_name`` in the batch-norm call inside it."""
+    return run_own_forward(module, _sync_batch_norm, {"group_name": group_name}, *args, **kwargs)
+
+
+def frozen_own_forward(module: _BatchNorm, *args, **kwargs):
+    """``module(*args, **kwargs)``, a subclass with its own forward, whose batch-norm calls on
+    its running statistics are frozen as ``frozen_batch_norm_module``'s."""
+    return run_own_forward(module, _frozen_batch_norm, {}, *args, every_call=True, **kwargs)
+
+
+def _frozen_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, num_batches_tracked=None):
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
 
 
 def _batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from bnfx.functional import frozen_batch_norm_module
+from bnfx.functional import frozen_batch_norm_module, frozen_own_forward
 from bnfx.passes.rewrite import replace_module_site
 from bnfx.passes.sites import ATEN_FORMS, BatchNormSite, output_name
 
@@ -28,7 +28,7 @@ def freeze_site(gm: fx.GraphModule, site: BatchNormSite, name: str) -> None:
     dropped, and where the graph returns new running statistics (decomposed export's
     buffer mutations) it returns the unchanged ones."""
     if site.form == "call_module":
-        replace_module_site(gm, site, frozen_batch_norm_module, (), name)
+        replace_module_site(gm, site, (frozen_batch_norm_module, frozen_own_forward), (), name)
         return
     graph, node = gm.graph, site.node
     aten = site.form.startswith("aten.")

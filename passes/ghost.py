@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bnfx.functional import ghost_batch_norm_module
+from bnfx.functional import ghost_batch_norm_module, ghost_own_forward
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import replace_functional_site, replace_module_site, unsupported
 from bnfx.passes.sites import match_site
@@ -26,7 +26,7 @@ def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool 
             continue
         name = f"ghost_bn_{index}"
         if site.form == "call_module":
-            replace_module_site(gm, site, ghost_batch_norm_module, (size,), name)
+            replace_module_site(gm, site, (ghost_batch_norm_module, ghost_own_forward), (size,), name)
         else:
             op = torch.ops.bnfx.ghost_batch_norm.default
             replace_functional_site(gm, site, op, (size, site.momentum, site.eps), name)

@@ -13,11 +13,10 @@ from bnfx.passes.report import EVAL_MODE
 from bnfx.passes.sites import ATEN_FORMS, SAVED_OUTPUTS, BatchNormSite, output_name
 
 # Why a site that uses batch statistics stays plain batch norm (``bnfx.explain``'s detail).
-OWN_FORWARD = "{} has its own forward"
 TRAINING_IN_GRAPH = "training flag is computed in the graph"
 MOMENTUM_NONE_WITHOUT_COUNTER = "momentum=None without a num_batches_tracked buffer"
 USES_SAVED_STATISTICS = "the graph uses batch norm's saved statistics"
-REASONS = (OWN_FORWARD, TRAINING_IN_GRAPH, MOMENTUM_NONE_WITHOUT_COUNTER, USES_SAVED_STATISTICS)
+REASONS = (TRAINING_IN_GRAPH, MOMENTUM_NONE_WITHOUT_COUNTER, USES_SAVED_STATISTICS)
 
 
 def unsupported(site: BatchNormSite) -> str | None:
@@ -28,9 +27,6 @@ def unsupported(site: BatchNormSite) -> str | None:
     Lazy modules are rewritten too: the run-time helper initializes them on the first call.
     """
     if site.form == "call_module":
-        forward = type(site.module).forward
-        if forward is not _BatchNorm.forward:
-            return OWN_FORWARD.format(type(site.module).__name__)
         return None
     if site.training is False:
         return EVAL_MODE
@@ -48,12 +44,25 @@ def reads_saved_statistics(site: BatchNormSite) -> bool:
     return any(output_name(site, user) in SAVED_OUTPUTS for user in site.node.users)
 
 
-def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> None:
-    """``module(x)`` -> ``fn(module, x, *extra)``; the module stays in place (state_dict unchanged)."""
+def has_own_forward(module: _BatchNorm) -> bool:
+    """A subclass whose ``forward`` is its own (NormAct layers), not ``_BatchNorm.forward``."""
+    return type(module).forward is not _BatchNorm.forward
+
+
+def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fns: tuple[Callable, Callable], extra: tuple,
+                        name: str) -> None:
+    """``module(x)`` -> ``fn(module, x, *extra)``; the module stays in place (state_dict unchanged).
+
+    ``fns``: the function for ``_BatchNorm.forward``, then the one for a forward of the
+    subclass's own, called ``own(module, *extra, *args, **kwargs)`` with the call's arguments.
+    """
     graph, node = gm.graph, site.node
     with graph.inserting_before(node):
         module = graph.get_attr(node.target)
-        new = graph.create_node("call_function", fn, (module, site.input, *extra), name=name)
+        if has_own_forward(site.module):
+            new = graph.create_node("call_function", fns[1], (module, *extra, *node.args), node.kwargs, name=name)
+        else:
+            new = graph.create_node("call_function", fns[0], (module, site.input, *extra), name=name)
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bnfx.functional import sync_batch_norm_module
+from bnfx.functional import sync_batch_norm_module, sync_own_forward
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import reads_saved_statistics, replace_functional_site, replace_module_site, unsupported
@@ -37,7 +37,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
             continue
         name = f"sync_bn_{index}"
         if site.form == "call_module":
-            replace_module_site(gm, site, sync_batch_norm_module, (group.name,), name)
+            replace_module_site(gm, site, (sync_batch_norm_module, sync_own_forward), (group.name,), name)
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
             replace_functional_site(gm, site, op, (site.momentum, site.eps, group.name), name)

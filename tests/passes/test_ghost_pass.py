@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import bnfx
-from bnfx.functional import ghost_batch_norm_module
+from bnfx.functional import ghost_batch_norm_module, ghost_own_forward
 from bnfx.options import resolve_options
 from bnfx.passes import find_sites, run_passes
 from graph_counts import ThreeForms, count
@@ -77,14 +77,14 @@ def test_call_module_site_follows_train_eval_flag():
     assert model[1].num_batches_tracked.item() == 3
 
 
-def test_custom_forward_subclass_left_alone():
+def test_subclass_with_its_own_forward_stays_one_call_to_its_forward():
     class MyBN(nn.BatchNorm1d):
         def forward(self, x):
             return super().forward(x) * 2
 
-    report = bnfx.explain(nn.Sequential(MyBN(4)), ghost_batch_size=4)
-    assert report.records[0].action == "left alone"
-    assert "MyBN has its own forward" in report.records[0].reason
+    gm = bnfx.transform(nn.Sequential(MyBN(4)), ghost_batch_size=4)
+    assert count(gm, ghost_own_forward) == 1 and count(gm, ghost_batch_norm_module) == 0
+    assert bnfx.explain(nn.Sequential(MyBN(4)), ghost_batch_size=4).records[0].action == "ghost"
 
 
 def test_subclass_without_forward_is_rewritten():

@@ -1,0 +1,86 @@
+"""Batch-norm subclasses with a ``forward`` of their own (NormAct layers: batch norm, then an
+activation, in one module): their forward runs as written, and the batch-norm call inside
+it computes ghost (or sync) statistics.
+
+Tracing through such a forward would bake in its train/eval branch and fail on the
+``float(num_batches_tracked)`` of ``momentum=None``; so the module stays one call in the
+graph, and while its forward runs a TorchFunctionMode redirects its ``F.batch_norm`` (or
+``torch.batch_norm``) calls that use batch statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger("bnfx")
+_BATCH_NORM = inspect.signature(F.batch_norm)
+_warned: set[type] = set()
+
+
+def run_own_forward(module: _BatchNorm, batch_norm, options: dict, *args, every_call: bool = False, **kwargs):
+    """``module(*args, **kwargs)`` with ``batch_norm(input, running_mean, running_var, weight,
+    bias, momentum, eps, num_batches_tracked=..., **options)`` wherever its forward calls batch
+    norm with batch statistics on its own buffers (or none); ``every_call``: eval-mode calls
+    on its own buffers too (freeze)."""
+    # The bnfx op owns the counter (ghost adds one per chunk): start from the count before
+    # the forward, whatever the forward itself added.
+    tracked = module.num_batches_tracked
+    start = None if tracked is None or not module.training else tracked.clone()
+    redirect = _Redirect(module, batch_norm, options, start, every_call)
+    with redirect:
+        out = module(*args, **kwargs)
+    if redirect.calls == 0 and (module.training or module.running_mean is None) and type(module) not in _warned:
+        _warned.add(type(module))
+        log.warning(
+            "bnfx: %s.forward computed batch norm without F.batch_norm, which bnfx redirects: "
+            "it stays plain batch norm",
+            type(module).__name__,
+        )
+    return out
+
+
+class _Redirect(TorchFunctionMode):
+    def __init__(self, module: _BatchNorm, batch_norm, options: dict, start_count: Tensor | None, every_call: bool):
+        super().__init__()
+        self.module, self.batch_norm, self.options, self.start_count = module, batch_norm, options, start_count
+        self.every_call = every_call
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            a = _BATCH_NORM.bind(*args, **kwargs)
+            a.apply_defaults()
+            call = a.arguments
+        elif func is torch.batch_norm:  # aten's order: weight and bias before the statistics
+            names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+            call = dict(zip(names, args))
+        else:
+            return func(*args, **kwargs)
+        module = self.module
+        own_state = call["running_mean"] is module.running_mean and call["running_mean"] is not None
+        redirected = own_state if self.every_call else call["training"] and (own_state or call["running_mean"] is None)
+        if not redirected:
+            return func(*args, **kwargs)
+        self.calls += 1
+        momentum = call["momentum"]
+        counter = None
+        if own_state and self.start_count is not None:
+            counter = self.start_count
+            if module.momentum is None:  # the forward's 1 / count: the op averages per batch itself
+                momentum = None
+        out = self.batch_norm(
+            call["input"], call["running_mean"], call["running_var"], call["weight"], call["bias"],
+            momentum, call["eps"], num_batches_tracked=counter, **self.options,
+        )
+        if counter is not None:
+            with torch.no_grad():
+                module.num_batches_tracked.copy_(counter)
+        return out
