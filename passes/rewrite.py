@@ -45,8 +45,12 @@ def reads_saved_statistics(site: BatchNormSite) -> bool:
 
 
 def has_own_forward(module: _BatchNorm) -> bool:
-    """A subclass whose ``forward`` is its own (NormAct layers), not ``_BatchNorm.forward``."""
-    return type(module).forward is not _BatchNorm.forward
+    """A subclass whose ``forward`` is its own (NormAct layers), not ``_BatchNorm.forward``.
+
+    nn.SyncBatchNorm's forward is batch norm with statistics over its process group (CUDA
+    only): bnfx computes exactly that, on every device, as for ``_BatchNorm.forward``.
+    """
+    return type(module).forward not in (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
 
 
 def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fns: tuple[Callable, Callable], extra: tuple,

@@ -24,13 +24,22 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
         frozen += _freezes(site, options)
         synced += not _freezes(site, options) and unsupported(site) is None
     plan = f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})"
-    group, fallback = sync_group(options.sync, options.group_size, create=not dry_run, plan=plan)
+    groups = {}  # the group a site names (nn.SyncBatchNorm's process_group) -> (SyncGroup, reason)
+
+    def group_of(site):
+        sync = _own_group(site, options)
+        if id(sync) not in groups:
+            groups[id(sync)] = sync_group(sync, options.group_size, create=not dry_run, plan=plan)
+        return groups[id(sync)]
+
+    group_of(None)  # the options' group: created (and the ranks' plans compared) first
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
     for index, site in enumerate(match_site(gm, node) for node in nodes):
         if _freezes(site, options):
             freeze_site(gm, site, f"frozen_bn_{index}")
             report.rewritten(site, "frozen", "running statistics, no update, no weight/bias gradient")
             continue
+        group, fallback = group_of(site)
         reason = unsupported(site) or fallback
         if reason:
             report.left_alone(site, reason)
@@ -45,6 +54,14 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _own_group(site, options):
+    """``sync=True`` and an nn.SyncBatchNorm with a process_group: that group; else the options'."""
+    module = site.module if site is not None else None
+    if options.sync is True and isinstance(module, torch.nn.SyncBatchNorm) and module.process_group is not None:
+        return module.process_group
+    return options.sync
 
 
 def _freezes(site, options) -> bool:

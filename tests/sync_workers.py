@@ -336,6 +336,38 @@ def dynamic_batches(rank: int, world_size: int, batches) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def converted_sync_batchnorm(rank: int, world_size: int, door: str) -> list:
+    """torchvision resnet18 after nn.SyncBatchNorm.convert_sync_batchnorm, ranks of 5 and 11
+    samples, float64: outputs, input grads and running statistics equal plain batch norm on
+    the concatenated batch (torch's own SyncBatchNorm refuses CPU tensors)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=4).double()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    if door == "transform":
+        net = bnfx.transform(model, sync=True)
+    else:  # the graph bnfx rewrote, exported: what to do where torch.export cannot trace SyncBatchNorm
+        example = torch.randn(5 if rank == 0 else 11, 3, 32, 32, dtype=torch.float64)
+        net = torch.export.export(bnfx.transform(model, sync=True), (example,)).module()
+    sizes = [5, 11]
+    generator = torch.Generator().manual_seed(1)
+    x_all = torch.randn(sum(sizes), 3, 32, 32, generator=generator, dtype=torch.float64)
+    grad_all = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
+    mine = _rank_slice(sizes, rank)
+    x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
+    out, out_ref = net(x), reference(x_ref)
+    out.backward(grad_all[mine])
+    out_ref.backward(grad_all)
+    torch.testing.assert_close(out, out_ref[mine], **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+    state = net.state_dict() if door == "export" else model.state_dict()
+    for key, value in reference.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            torch.testing.assert_close(state[key], value, **TOL, msg=key)
+    return [r.action for r in bnfx.explain(model, sync=True).records]
+
+
 def named_groups(rank: int, world_size: int) -> dict[str, object]:
     """sync=ProcessGroup and sync=<its name> over ranks {0, 2} of 3; rank 1 gets plain batch norm."""
     pair = dist.new_group([0, 2])  # every rank calls new_group; rank 1 receives NON_GROUP_MEMBER

@@ -68,3 +68,9 @@ def test_sync_over_a_subgroup_by_object_and_by_name():
         assert results[rank] == {"group": "over 2 ranks", "name": "over 2 ranks"}
     reason = "this rank is not in the sync group: plain batch norm"
     assert results[1] == {"group": reason, "name": reason}
+
+
+@pytest.mark.parametrize("door", ["transform", "export"])
+def test_converted_sync_batchnorm_model_syncs_on_cpu(door):
+    for actions in run_world(sync_workers.converted_sync_batchnorm, 2, door):
+        assert actions == ["sync"] * 20
