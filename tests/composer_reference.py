@@ -58,3 +58,20 @@ def composer_model(model: nn.Module, ghost_batch_size: int) -> nn.Module:
 def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The reference's state_dict under the original (unwrapped) keys."""
     return {k.replace("batchnorm.", ""): v for k, v in model.state_dict().items()}
+
+
+def assert_steps_equal(model: nn.Module, reference: nn.Module, net, inputs) -> None:
+    """A training step of ``net`` (``model`` rewritten) and of ``reference`` on each input:
+    outputs and every parameter gradient (dense upstream gradient), then running statistics."""
+    for x in inputs:
+        out, ref_out = net(x), reference(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref_out.backward(grad)
+        torch.testing.assert_close(out, ref_out)
+        for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(param.grad, ref_param.grad, msg=name)
+        model.zero_grad()
+        reference.zero_grad()
+    for key, value in unwrapped_state(reference).items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)

@@ -13,7 +13,7 @@ from torch.export import Dim
 
 import bnfx
 import sync_workers
-from composer_reference import composer_model, unwrapped_state
+from composer_reference import assert_steps_equal, composer_model, unwrapped_state
 from gloo_world import run_world
 from test_export import LOAD_AND_RUN
 
@@ -34,19 +34,8 @@ def test_compiled_ghost_model_compiles_once_for_every_batch_size():
     model = small_model().double()
     reference = composer_model(model, 4)
     compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 4, "inner": "aot_eager"})
-    for batch in BATCHES:
-        x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
-        out, ref_out = compiled(x), reference(x)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        ref_out.backward(grad)
-        torch.testing.assert_close(out, ref_out)
-        for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(param.grad, ref_param.grad, msg=name)
-        model.zero_grad()
-        reference.zero_grad()
-    for key, value in unwrapped_state(reference).items():
-        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    inputs = [torch.randn(batch, 3, 6, 6, dtype=torch.float64) for batch in BATCHES]
+    assert_steps_equal(model, reference, compiled, inputs)
     assert counters["stats"]["unique_graphs"] <= 2  # the first compile, then one dynamic one
 
 
