@@ -353,13 +353,12 @@ if device_kernels.triton_launchers() is not None:
 # reduction per (sample, channel), merged per chunk with Chan's formula.
 
 
-def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, Tensor]:
-    """``([B] chunk of each sample, [nchunks, B] membership mask)``."""
+def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, tuple[int, int]]:
+    """``([B] chunk of each sample, (nchunks, chunk_size))``."""
     batch = input.shape[0]
     chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
     chunk_of = torch.arange(batch, device=input.device) // chunk_size
-    chunks = torch.arange(ghost_chunk_count(batch, ghost_batch_size), device=input.device)
-    return chunk_of, chunks.unsqueeze(1) == chunk_of
+    return chunk_of, (ghost_chunk_count(batch, ghost_batch_size), chunk_size)
 
 
 def _over_space(t: Tensor) -> Tensor:
@@ -367,9 +366,12 @@ def _over_space(t: Tensor) -> Tensor:
     return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
-def _per_chunk(per_sample: Tensor, member: Tensor) -> Tensor:
-    """[B, C] -> [nchunks, C] sums over each chunk's samples (exact sums, not a matmul)."""
-    return torch.where(member.unsqueeze(2), per_sample.unsqueeze(0), 0).sum(1)
+def _per_chunk(per_sample: Tensor, layout: tuple[int, int]) -> Tensor:
+    """[B, C] -> [nchunks, C] sums over each chunk's samples: zero rows pad the batch to
+    nchunks x chunk_size (the last chunk may be short), then one sum per chunk."""
+    nchunks, chunk_size = layout
+    padded = torch.nn.functional.pad(per_sample, (0, 0, 0, nchunks * chunk_size - per_sample.shape[0]))
+    return padded.view(nchunks, chunk_size, per_sample.shape[1]).sum(1)
 
 
 def _to_samples(per_chunk: Tensor, chunk_of: Tensor, like: Tensor) -> Tensor:
@@ -377,26 +379,27 @@ def _to_samples(per_chunk: Tensor, chunk_of: Tensor, like: Tensor) -> Tensor:
     return per_chunk[chunk_of].view(per_chunk[chunk_of].shape + (1,) * (like.dim() - 2))
 
 
-def _chunk_sizes(input: Tensor, member: Tensor, dtype: torch.dtype) -> Tensor:
+def _chunk_sizes(input: Tensor, layout: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """[nchunks, 1] values per channel of each chunk."""
-    return member.sum(1, keepdim=True).to(dtype) * input[0, 0].numel()
+    samples = _per_chunk(input.new_ones((input.shape[0], 1), dtype=dtype), layout)
+    return samples * input[0, 0].numel()
 
 
 def ghost_batch_norm_decomposition(
     input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
 ):
     dtype = contract.stat_dtype(input)
-    chunk_of, member = _chunk_index(input, ghost_batch_size)
+    chunk_of, layout = _chunk_index(input, ghost_batch_size)
     values = input.to(dtype)
     per_sample = input[0, 0].numel()
     if input.dim() > 2:
         sample_var, sample_mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)  # [B, C]
     else:
         sample_var, sample_mean = torch.zeros_like(values), values
-    sizes = _chunk_sizes(input, member, dtype)
-    mean = _per_chunk(sample_mean, member) * per_sample / sizes  # [nchunks, C]
+    sizes = _chunk_sizes(input, layout, dtype)
+    mean = _per_chunk(sample_mean, layout) * per_sample / sizes  # [nchunks, C]
     deviation = sample_mean - mean[chunk_of]
-    m2 = _per_chunk(sample_var + deviation * deviation, member) * per_sample
+    m2 = _per_chunk(sample_var + deviation * deviation, layout) * per_sample
     invstd = torch.rsqrt(m2 / sizes + eps)
     scale = invstd if weight is None else invstd * weight
     out = (values - _to_samples(mean, chunk_of, input)) * _to_samples(scale, chunk_of, input)
@@ -409,12 +412,12 @@ def ghost_batch_norm_decomposition(
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
     dtype = contract.stat_dtype(input)
-    chunk_of, member = _chunk_index(input, ghost_batch_size)
+    chunk_of, layout = _chunk_index(input, ghost_batch_size)
     dy = grad_out.to(dtype)
     centered = input.to(dtype) - _to_samples(save_mean, chunk_of, input)
-    sum_dy = _per_chunk(_over_space(dy), member)  # [nchunks, C]
-    sum_dy_xmu = _per_chunk(_over_space(dy * centered), member)
-    sizes = _chunk_sizes(input, member, dtype)
+    sum_dy = _per_chunk(_over_space(dy), layout)  # [nchunks, C]
+    sum_dy_xmu = _per_chunk(_over_space(dy * centered), layout)
+    sizes = _chunk_sizes(input, layout, dtype)
     scale = save_invstd if weight is None else save_invstd * weight
     k = sum_dy_xmu / sizes * save_invstd * save_invstd
     grad_input = _to_samples(scale, chunk_of, input) * (
