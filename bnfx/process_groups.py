@@ -35,8 +35,8 @@ def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str =
     must rewrite its model (``transform``, or the first compiled step) for it to complete.
     Creating it, the ranks also compare their ``plan`` (what this rewrite does: how many sites
     it synchronizes, with which options) and raise on every rank when they differ, since their
-    collectives would not match. ``create=False`` (``bnfx.explain``) checks the same and creates nothing: no collective,
-    so one rank alone may call it.
+    collectives would not match. ``create=False`` (``bnfx.explain``) checks the same and
+    creates nothing: no collective, so one rank alone may call it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None, NO_PROCESS_GROUP

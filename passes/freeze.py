@@ -11,7 +11,7 @@ from torch import fx
 
 from bnfx.functional import frozen_batch_norm_module, frozen_own_forward
 from bnfx.passes.rewrite import replace_module_site
-from bnfx.passes.sites import ATEN_FORMS, BatchNormSite, output_name
+from bnfx.passes.sites import ATEN_FORMS, BatchNormSite, output_name, tuple_outputs
 
 A = torch.ops.aten
 _EVAL_OUTPUTS = ATEN_FORMS["aten._native_batch_norm_legit_no_training"].outputs
@@ -41,17 +41,18 @@ def freeze_site(gm: fx.GraphModule, site: BatchNormSite, name: str) -> None:
 
     with graph.inserting_before(node):
         weight, bias = detach(site.weight), detach(site.bias)
-        args = (site.input, weight, bias, site.running_mean, site.running_var)
         if not aten:
             new = graph.call_function(F.batch_norm, (site.input, site.running_mean, site.running_var,
                                                      weight, bias, False, 0.0, site.eps))
         elif site.form == "aten.batch_norm":
-            new = graph.call_function(A.batch_norm.default, (*args, False, 0.0, site.eps, False))
+            new = graph.call_function(A.batch_norm.default, (site.input, weight, bias, site.running_mean,
+                                                             site.running_var, False, 0.0, site.eps, False))
         else:  # a tuple form; the callers left alone those whose reserve output is read
-            new = graph.call_function(A._native_batch_norm_legit_no_training.default, (*args, 0.0, site.eps))
+            new = graph.call_function(A._native_batch_norm_legit_no_training.default, (
+                site.input, weight, bias, site.running_mean, site.running_var, 0.0, site.eps))
     new.name = name
     new.meta = dict(node.meta)
-    if site.form in ATEN_FORMS and ATEN_FORMS[site.form].outputs:
+    if tuple_outputs(site):
         unchanged = {"new_running_mean": site.running_mean, "new_running_var": site.running_var}
         for user in list(node.users):
             output = output_name(site, user)

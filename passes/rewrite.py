@@ -10,7 +10,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfx.passes.report import EVAL_MODE
-from bnfx.passes.sites import ATEN_FORMS, SAVED_OUTPUTS, BatchNormSite, output_name
+from bnfx.passes.sites import SAVED_OUTPUTS, BatchNormSite, output_name, tuple_outputs
 
 # Why a site that uses batch statistics stays plain batch norm (``bnfx.explain``'s detail).
 TRAINING_IN_GRAPH = "training flag is computed in the graph"
@@ -89,7 +89,7 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
             name=name,
         )
         out = graph.call_function(operator.getitem, (new, 0))
-        outputs = ATEN_FORMS[site.form].outputs if site.form in ATEN_FORMS else None
+        outputs = tuple_outputs(site)
         returns_state = "new_running_mean" in (outputs or ())
         for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
             if state is not None and not returns_state:  # else the graph returns the new state

@@ -18,49 +18,44 @@ from torch.nn.modules.batchnorm import _BatchNorm
 class AtenForm:
     """How one aten op spells batch norm: its arguments are read by name from its schema."""
 
-    name: str
+    op: Any
     outputs: tuple[str, ...] | None = None  # the tuple it returns, by name; None: the output alone
     training: bool | None = None  # None: the op's ``training`` argument says
     # the schema's names for momentum and eps, where they differ
     momentum_argument: str = "momentum"
     eps_argument: str = "eps"
 
+    @property
+    def name(self) -> str:
+        """The site's form: ``aten.batch_norm``, ``aten._native_batch_norm_legit.no_stats``."""
+        return str(self.op).removesuffix(".default")
 
+
+A = torch.ops.aten
 _SAVED = ("save_mean", "save_invstd")
 _NEW_STATE = ("new_running_mean", "new_running_var")
 # Every form torch 2.14 emits: training IR and pre-dispatch graphs (aten.batch_norm),
 # decomposed export and AOTAutograd graphs (the functional forms, which return the new running
 # statistics and write nothing), make_fx graphs without functionalization (the in-place forms).
-ATEN_FORMS = {
-    form.name: form
+_FORMS_BY_OP = {
+    form.op: form
     for form in (
-        AtenForm("aten.batch_norm"),
-        AtenForm("aten._native_batch_norm_legit_functional", ("out", *_SAVED, *_NEW_STATE)),
-        AtenForm("aten._native_batch_norm_legit", ("out", *_SAVED)),
-        AtenForm("aten._native_batch_norm_legit.no_stats", ("out", *_SAVED)),
-        AtenForm("aten._native_batch_norm_legit_no_training", ("out", *_SAVED), training=False),
-        AtenForm("aten.native_batch_norm", ("out", *_SAVED)),
-        AtenForm("aten._batch_norm_with_update", ("out", *_SAVED, "reserve"), training=True),
-        AtenForm("aten._batch_norm_with_update_functional", ("out", *_SAVED, "reserve", *_NEW_STATE), training=True),
-        AtenForm("aten._batch_norm_no_update", ("out", *_SAVED, "reserve"), training=False),
+        AtenForm(A.batch_norm.default),
+        AtenForm(A._native_batch_norm_legit_functional.default, ("out", *_SAVED, *_NEW_STATE)),
+        AtenForm(A._native_batch_norm_legit.default, ("out", *_SAVED)),
+        AtenForm(A._native_batch_norm_legit.no_stats, ("out", *_SAVED)),
+        AtenForm(A._native_batch_norm_legit_no_training.default, ("out", *_SAVED), training=False),
+        AtenForm(A.native_batch_norm.default, ("out", *_SAVED)),
+        AtenForm(A._batch_norm_with_update.default, ("out", *_SAVED, "reserve"), training=True),
+        AtenForm(A._batch_norm_with_update_functional.default, ("out", *_SAVED, "reserve", *_NEW_STATE), training=True),
+        AtenForm(A._batch_norm_no_update.default, ("out", *_SAVED, "reserve"), training=False),
         AtenForm(
-            "aten.cudnn_batch_norm", ("out", *_SAVED, "reserve"),
+            A.cudnn_batch_norm.default, ("out", *_SAVED, "reserve"),
             momentum_argument="exponential_average_factor", eps_argument="epsilon",
         ),
     )
 }
-_ATEN_OPS = {
-    torch.ops.aten.batch_norm.default: "aten.batch_norm",
-    torch.ops.aten._native_batch_norm_legit_functional.default: "aten._native_batch_norm_legit_functional",
-    torch.ops.aten._native_batch_norm_legit.default: "aten._native_batch_norm_legit",
-    torch.ops.aten._native_batch_norm_legit.no_stats: "aten._native_batch_norm_legit.no_stats",
-    torch.ops.aten._native_batch_norm_legit_no_training.default: "aten._native_batch_norm_legit_no_training",
-    torch.ops.aten.native_batch_norm.default: "aten.native_batch_norm",
-    torch.ops.aten._batch_norm_with_update.default: "aten._batch_norm_with_update",
-    torch.ops.aten._batch_norm_with_update_functional.default: "aten._batch_norm_with_update_functional",
-    torch.ops.aten._batch_norm_no_update.default: "aten._batch_norm_no_update",
-    torch.ops.aten.cudnn_batch_norm.default: "aten.cudnn_batch_norm",
-}
+ATEN_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}
 # The outputs that only batch norm's own backward reads.
 SAVED_OUTPUTS = (*_SAVED, "reserve")
 
@@ -114,13 +109,13 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
     if node.target is torch.batch_norm:  # aten's argument order, no schema to read
         x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
         return _functional_site(gm, node, "torch.batch_norm", x, weight, bias, mean, var, training, momentum, eps)
-    name = _ATEN_OPS.get(node.target)
-    if name is None:
+    form = _FORMS_BY_OP.get(node.target)
+    if form is None:
         return None
-    form, a = ATEN_FORMS[name], _arguments(node)
+    a = _arguments(node)
     training = a["training"] if form.training is None else form.training
     return _functional_site(
-        gm, node, name, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
+        gm, node, form.name, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
         training, a[form.momentum_argument], a[form.eps_argument],
     )
 
@@ -138,10 +133,15 @@ def _arguments(node: fx.Node) -> dict[str, Any]:
     return arguments
 
 
+def tuple_outputs(site: BatchNormSite) -> tuple[str, ...] | None:
+    """The names of the outputs ``site`` returns as a tuple; None where it returns the output alone."""
+    form = ATEN_FORMS.get(site.form)
+    return form.outputs if form else None
+
+
 def output_name(site: BatchNormSite, user: fx.Node) -> str | None:
     """Which named output of ``site`` the ``getitem`` node ``user`` takes (None otherwise)."""
-    form = ATEN_FORMS.get(site.form)
-    names = form.outputs if form else None
+    names = tuple_outputs(site)
     if names is None or user.target is not operator.getitem:
         return None
     return names[user.args[1]]

@@ -21,8 +21,9 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
     nodes, frozen, synced = [], 0, 0
     for site in find_sites(gm):
         nodes.append(site.node)
-        frozen += _freezes(site, options)
-        synced += not _freezes(site, options) and unsupported(site) is None
+        freezes = _freezes(site, options)
+        frozen += freezes
+        synced += not freezes and unsupported(site) is None
     plan = f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})"
     groups = {}  # the group a site names (nn.SyncBatchNorm's process_group) -> (SyncGroup, reason)
 
