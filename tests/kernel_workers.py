@@ -9,9 +9,10 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnfx  # noqa: F401
-from bnfx.ops import device_kernels
+from bnfx.ops import DECOMPOSITIONS, device_kernels
 from bnfx.ops.sync_batch_norm import sync_batch_norm, sync_batch_norm_backward
 
 KERNELS = ("cpu-extension", "default", "triton")
@@ -47,11 +48,19 @@ def run_cuda_kernel(op_def, *args):
     return kernel(*args)
 
 
+class Decomposed(TorchDispatchMode):
+    """Runs each bnfx op that has one as its decomposition (what inductor compiles), eagerly."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
+
+
 def run_kernel(kernel: str, op_def, *args):
-    """``op_def`` through one of ``KERNELS``, on CPU tensors."""
+    """``op_def`` through one of ``KERNELS``, on CPU tensors, or through its "decomposition"."""
     if kernel == "triton":
         return run_cuda_kernel(op_def, *args)
-    with device_kernels.default_bodies("cpu") if kernel == "default" else contextlib.nullcontext():
+    contexts = {"default": lambda: device_kernels.default_bodies("cpu"), "decomposition": Decomposed}
+    with contexts.get(kernel, contextlib.nullcontext)():
         return op_def(*args)
 
 

@@ -350,7 +350,8 @@ if device_kernels.triton_launchers() is not None:
 # Decompositions into primitive ops, for compilers that fuse them (inductor). They index
 # chunks instead of slicing segments, so that nothing depends on the batch size's value:
 # compiled for a dynamic batch, one graph serves every size. Statistics: one Welford
-# reduction per (sample, channel), merged per chunk with Chan's formula.
+# reduction per (sample, channel) of values shifted by a data value of their chunk, merged per
+# chunk with Chan's formula.
 
 
 def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, tuple[int, int]]:
@@ -376,7 +377,8 @@ def _per_chunk(per_sample: Tensor, layout: tuple[int, int]) -> Tensor:
 
 def _to_samples(per_chunk: Tensor, chunk_of: Tensor, like: Tensor) -> Tensor:
     """[nchunks, C] -> [B, C, 1, ...]: each sample's chunk value, broadcast against ``like``."""
-    return per_chunk[chunk_of].view(per_chunk[chunk_of].shape + (1,) * (like.dim() - 2))
+    per_sample = per_chunk[chunk_of]
+    return per_sample.view(per_sample.shape + (1,) * (like.dim() - 2))
 
 
 def _chunk_sizes(input: Tensor, layout: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -392,17 +394,25 @@ def ghost_batch_norm_decomposition(
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     values = input.to(dtype)
     per_sample = input[0, 0].numel()
+    # Shift each (chunk, channel) by one of its values (its first sample's first position): the
+    # reductions then see small differences, and the output is (x - shift) - offset, with no
+    # mean rounded to the input dtype in between.
+    nchunks, chunk_size = layout
+    first = values[torch.arange(nchunks, device=input.device) * chunk_size]  # [nchunks, C, ...]
+    shift = first.reshape(nchunks, input.shape[1], -1)[..., 0]  # [nchunks, C]
+    shifted = values - _to_samples(shift, chunk_of, input)
     if input.dim() > 2:
-        sample_var, sample_mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)  # [B, C]
+        sample_var, sample_mean = torch.var_mean(shifted, dim=tuple(range(2, input.dim())), correction=0)  # [B, C]
     else:
-        sample_var, sample_mean = torch.zeros_like(values), values
+        sample_var, sample_mean = torch.zeros_like(shifted), shifted
     sizes = _chunk_sizes(input, layout, dtype)
-    mean = _per_chunk(sample_mean, layout) * per_sample / sizes  # [nchunks, C]
-    deviation = sample_mean - mean[chunk_of]
+    offset = _per_chunk(sample_mean, layout) * per_sample / sizes  # [nchunks, C], the mean of x - shift
+    deviation = sample_mean - offset[chunk_of]
     m2 = _per_chunk(sample_var + deviation * deviation, layout) * per_sample
+    mean = shift + offset
     invstd = torch.rsqrt(m2 / sizes + eps)
     scale = invstd if weight is None else invstd * weight
-    out = (values - _to_samples(mean, chunk_of, input)) * _to_samples(scale, chunk_of, input)
+    out = (shifted - _to_samples(offset, chunk_of, input)) * _to_samples(scale, chunk_of, input)
     if bias is not None:
         out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
     unbiased = m2 / (sizes - 1).clamp(min=1)
