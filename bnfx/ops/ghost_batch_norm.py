@@ -350,8 +350,8 @@ if device_kernels.triton_launchers() is not None:
 # Decompositions into primitive ops, for compilers that fuse them (inductor). They index
 # chunks instead of slicing segments, so that nothing depends on the batch size's value:
 # compiled for a dynamic batch, one graph serves every size. Statistics: one Welford
-# reduction per (sample, channel) of values shifted by a data value of their chunk, merged per
-# chunk with Chan's formula.
+# reduction per (sample, channel) of values shifted by one of them, merged per chunk with
+# Chan's formula.
 
 
 def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, tuple[int, int]]:
@@ -367,12 +367,17 @@ def _over_space(t: Tensor) -> Tensor:
     return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
-def _per_chunk(per_sample: Tensor, layout: tuple[int, int]) -> Tensor:
-    """[B, C] -> [nchunks, C] sums over each chunk's samples: zero rows pad the batch to
-    nchunks x chunk_size (the last chunk may be short), then one sum per chunk."""
+def _chunk_rows(per_sample: Tensor, layout: tuple[int, int]) -> Tensor:
+    """[B, C] -> [nchunks, chunk_size, C]: zero rows pad the batch to nchunks x chunk_size
+    (the last chunk may be short)."""
     nchunks, chunk_size = layout
     padded = torch.nn.functional.pad(per_sample, (0, 0, 0, nchunks * chunk_size - per_sample.shape[0]))
-    return padded.view(nchunks, chunk_size, per_sample.shape[1]).sum(1)
+    return padded.view(nchunks, chunk_size, per_sample.shape[1])
+
+
+def _per_chunk(per_sample: Tensor, layout: tuple[int, int]) -> Tensor:
+    """[B, C] -> [nchunks, C] sums over each chunk's samples (the padding rows are zeros)."""
+    return _chunk_rows(per_sample, layout).sum(1)
 
 
 def _to_samples(per_chunk: Tensor, chunk_of: Tensor, like: Tensor) -> Tensor:
@@ -394,17 +399,17 @@ def ghost_batch_norm_decomposition(
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     values = input.to(dtype)
     per_sample = input[0, 0].numel()
-    # Shift each (chunk, channel) by one of its values (its first sample's first position): the
-    # reductions then see small differences, and the output is (x - shift) - offset, with no
-    # mean rounded to the input dtype in between.
-    nchunks, chunk_size = layout
-    first = values[torch.arange(nchunks, device=input.device) * chunk_size]  # [nchunks, C, ...]
-    shift = first.reshape(nchunks, input.shape[1], -1)[..., 0]  # [nchunks, C]
-    shifted = values - _to_samples(shift, chunk_of, input)
+    # Reduce small differences, not raw values: each sample relative to one of its values (its
+    # first position), then each chunk relative to one of its samples' (its first sample's).
+    # The output is (x - shift) - offset, with no mean rounded to the input dtype in between.
     if input.dim() > 2:
-        sample_var, sample_mean = torch.var_mean(shifted, dim=tuple(range(2, input.dim())), correction=0)  # [B, C]
+        sample_shift = values[(slice(None), slice(None)) + (0,) * (input.dim() - 2)]  # [B, C]
+        relative = values - sample_shift.view(sample_shift.shape + (1,) * (input.dim() - 2))
+        sample_var, sample_mean = torch.var_mean(relative, dim=tuple(range(2, input.dim())), correction=0)
     else:
-        sample_var, sample_mean = torch.zeros_like(shifted), shifted
+        sample_shift, sample_var, sample_mean = values, torch.zeros_like(values), torch.zeros_like(values)
+    shift = _chunk_rows(sample_shift, layout)[:, 0]  # [nchunks, C], each chunk's first sample
+    sample_mean = (sample_shift - shift[chunk_of]) + sample_mean  # [B, C], relative to the chunk's shift
     sizes = _chunk_sizes(input, layout, dtype)
     offset = _per_chunk(sample_mean, layout) * per_sample / sizes  # [nchunks, C], the mean of x - shift
     deviation = sample_mean - offset[chunk_of]
@@ -412,6 +417,7 @@ def ghost_batch_norm_decomposition(
     mean = shift + offset
     invstd = torch.rsqrt(m2 / sizes + eps)
     scale = invstd if weight is None else invstd * weight
+    shifted = values - _to_samples(shift, chunk_of, input)
     out = (shifted - _to_samples(offset, chunk_of, input)) * _to_samples(scale, chunk_of, input)
     if bias is not None:
         out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
