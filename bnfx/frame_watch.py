@@ -4,9 +4,9 @@ Dynamo calls a backend with the graphs it captured; batch norms that run outside
 never reach it. When Dynamo starts compiling a frame for a bnfx backend (a compile-start
 callback), bnfx looks at the modules that frame holds:
 
-- momentum=None: torch's ``_BatchNorm.forward`` calls ``float(num_batches_tracked)``, Dynamo
-  breaks the graph there and runs the module eagerly, as plain batch norm: a WARNING names
-  those modules (compile ``bnfx.transform(model)`` instead, which has no such call).
+- momentum=None and nn.SyncBatchNorm: forwards Dynamo cannot trace (it would break the graph
+  and run them eagerly, as plain batch norm, or fail): they get a forward it can trace
+  (``traceable_forward``), before Dynamo traces the frame.
 - DDP: ``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks
   the graph and runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward``
   context. Dynamo then compiles the inner module's ``forward`` as a frame of its own only
@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from bnfx.traceable_forward import give_traceable_forwards
+
 log = logging.getLogger("bnfx")
 _opened: weakref.WeakSet = weakref.WeakSet()
-_reported: weakref.WeakSet = weakref.WeakSet()
 
 
 def mark_bnfx_backend(fn):
@@ -42,12 +43,27 @@ def mark_bnfx_backend(fn):
 
 
 def watch() -> None:
-    """Watch Dynamo's compiles from now on (registered once; ``torch._dynamo.reset()`` clears
-    it, and the next bnfx compile, ``bnfx.backend`` call or entry-point load registers it again)."""
+    """Watch Dynamo's compiles from now on, through ``torch._dynamo.reset()`` too.
+
+    A reset clears Dynamo's callback list, and a bnfx compile that started after it would
+    trace batch norms that need a traceable forward without one. So the list becomes one
+    whose ``clear`` keeps bnfx's watcher (which acts on bnfx's frames only) and clears every
+    other callback as before.
+    """
     import torch._dynamo
 
-    if _on_compile_start not in torch._dynamo.callback_handler.start_callbacks:
-        torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
+    handler = torch._dynamo.callback_handler
+    if not isinstance(handler.start_callbacks, _KeepsWatcher):
+        handler.start_callbacks = _KeepsWatcher(handler.start_callbacks)
+    if _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+
+
+class _KeepsWatcher(list):
+    def clear(self) -> None:
+        kept = [callback for callback in self if callback is _on_compile_start]
+        super().clear()
+        self.extend(kept)
 
 
 def _on_compile_start(_args) -> None:
@@ -55,7 +71,7 @@ def _on_compile_start(_args) -> None:
         frame = _frame_compiled_by_bnfx()
         if frame is not None:
             for module in _modules_in(frame.f_locals.values()):
-                _warn_momentum_none(module)
+                give_traceable_forwards(module)
                 _open_inner_frames(module)
     except Exception:  # noqa: BLE001 - a watcher must never break a compile
         log.debug("bnfx: could not inspect the frame Dynamo compiles", exc_info=True)
@@ -99,18 +115,3 @@ def _open_inner_frames(root: nn.Module) -> None:
 
 def _compile_this_forward(module, args) -> None:
     """Does nothing: its presence makes Dynamo compile the module's forward frame."""
-
-
-def _warn_momentum_none(root: nn.Module) -> None:
-    names = []
-    for name, m in root.named_modules():
-        if isinstance(m, _BatchNorm) and m.momentum is None and m.track_running_stats and m not in _reported:
-            _reported.add(m)
-            names.append(name)
-    if names:
-        log.warning(
-            "bnfx: batch-norm modules with momentum=None run outside the compiled graph "
-            "(torch.compile breaks the graph at float(num_batches_tracked)) and keep plain "
-            "batch norm: %s. Use bnfx.transform for them, or a float momentum.",
-            ", ".join(names),
-        )

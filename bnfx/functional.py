@@ -69,6 +69,16 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     return out
 
 
+def module_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked):
+    """``torch.ops.bnfx.module_batch_norm`` (a site for bnfx's passes) that updates the given
+    running statistics in place."""
+    out, *new_state = torch.ops.bnfx.module_batch_norm.default(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
+    )
+    _write_state(running_mean, running_var, num_batches_tracked, *new_state)
+    return out
+
+
 def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked) -> None:
     with torch.no_grad():
         if running_mean is not None:
@@ -83,13 +93,13 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
 
     Reads the module's train/eval flag at call time, as ``_BatchNorm.forward`` does.
     """
-    return _batch_stats_module(module, input, ghost_batch_norm, ghost_batch_size=ghost_batch_size)
+    return batch_stats_module(module, input, ghost_batch_norm, ghost_batch_size=ghost_batch_size)
 
 
 def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -> Tensor:
     """What ``module(input)`` computes, with statistics over the process group ``group_name``
     wherever it uses batch statistics. Reads the train/eval flag at call time."""
-    return _batch_stats_module(module, input, _sync_batch_norm, group_name=group_name)
+    return batch_stats_module(module, input, _sync_batch_norm, group_name=group_name)
 
 
 def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
@@ -124,7 +134,7 @@ def _frozen_batch_norm(input, running_mean, running_var, weight, bias, momentum,
     return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
 
 
-def _batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs) -> Tensor:
+def batch_stats_module(module: _BatchNorm, input: Tensor, batch_norm, **kwargs) -> Tensor:
     """``_BatchNorm.forward`` with ``batch_norm`` wherever it would use batch statistics."""
     _initialize_lazy(module, input)
     module._check_input_dim(input)

@@ -2,10 +2,12 @@
 activation, in one module): their forward runs as written, and the batch-norm call inside
 it computes ghost (or sync) statistics.
 
-Tracing through such a forward would bake in its train/eval branch and fail on the
-``float(num_batches_tracked)`` of ``momentum=None``; so the module stays one call in the
-graph, and while its forward runs a TorchFunctionMode redirects its ``F.batch_norm`` (or
-``torch.batch_norm``) calls that use batch statistics.
+Tracing through such a forward would bake in its train/eval branch; so the module stays one
+call in the graph, and while its forward runs a TorchFunctionMode redirects its
+``F.batch_norm`` (or ``torch.batch_norm``) calls that use batch statistics. With
+``momentum=None`` the forward's ``1 / float(num_batches_tracked)`` is not used (the op keeps
+the cumulative average itself), so the mode answers that ``float`` without reading the
+counter: no host synchronization, and nothing data-dependent for torch.export or Dynamo.
 """
 
 from __future__ import annotations
@@ -22,20 +24,26 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger("bnfx")
 _BATCH_NORM = inspect.signature(F.batch_norm)
 _warned: set[type] = set()
+# How a forward reads its counter for ``momentum=None``, and what it gets back: any count
+# will do, the batch-norm call it feeds is redirected with momentum=None.
+_READ_COUNT = (Tensor.__float__, Tensor.item)
+_UNUSED_COUNT = 1.0
 
 
-def run_own_forward(module: _BatchNorm, batch_norm, options: dict, *args, every_call: bool = False, **kwargs):
+def run_own_forward(module: _BatchNorm, batch_norm, options: dict, *args, every_call: bool = False, forward=None,
+                    **kwargs):
     """``module(*args, **kwargs)`` with ``batch_norm(input, running_mean, running_var, weight,
     bias, momentum, eps, num_batches_tracked=..., **options)`` wherever its forward calls batch
     norm with batch statistics on its own buffers (or none); ``every_call``: eval-mode calls
-    on its own buffers too (freeze)."""
+    on its own buffers too (freeze). ``forward``: call ``forward(module, ...)`` instead, no hooks
+    (from inside the module's call)."""
     # The bnfx op owns the counter (ghost adds one per chunk): start from the count before
     # the forward, whatever the forward itself added.
     tracked = module.num_batches_tracked
     start = None if tracked is None or not module.training else tracked.clone()
     redirect = _Redirect(module, batch_norm, options, start, every_call)
     with redirect:
-        out = module(*args, **kwargs)
+        out = module(*args, **kwargs) if forward is None else forward(module, *args, **kwargs)
     if redirect.calls == 0 and (module.training or module.running_mean is None) and type(module) not in _warned:
         _warned.add(type(module))
         log.warning(
@@ -52,9 +60,13 @@ class _Redirect(TorchFunctionMode):
         self.module, self.batch_norm, self.options, self.start_count = module, batch_norm, options, start_count
         self.every_call = every_call
         self.calls = 0
+        # the forward's 1 / count goes unused: the op keeps the cumulative average itself
+        self.cumulative = start_count is not None and module.momentum is None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _READ_COUNT and args[0] is self.module.num_batches_tracked and self.cumulative:
+            return _UNUSED_COUNT
         if func is F.batch_norm:
             a = _BATCH_NORM.bind(*args, **kwargs)
             a.apply_defaults()
@@ -74,7 +86,7 @@ class _Redirect(TorchFunctionMode):
         counter = None
         if own_state and self.start_count is not None:
             counter = self.start_count
-            if module.momentum is None:  # the forward's 1 / count: the op averages per batch itself
+            if self.cumulative:
                 momentum = None
         out = self.batch_norm(
             call["input"], call["running_mean"], call["running_var"], call["weight"], call["bias"],

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.module_batch_norm)
+
 
 @dataclass(frozen=True)
-class AtenForm:
-    """How one aten op spells batch norm: its arguments are read by name from its schema."""
+class OpForm:
+    """How one op spells batch norm: its arguments are read by name from its schema."""
 
     op: Any
     outputs: tuple[str, ...] | None = None  # the tuple it returns, by name; None: the output alone
@@ -27,11 +29,13 @@ class AtenForm:
 
     @property
     def name(self) -> str:
-        """The site's form: ``aten.batch_norm``, ``aten._native_batch_norm_legit.no_stats``."""
+        """The site's form: ``aten.batch_norm``, ``aten._native_batch_norm_legit.no_stats``,
+        ``bnfx.module_batch_norm``."""
         return str(self.op).removesuffix(".default")
 
 
 A = torch.ops.aten
+B = torch.ops.bnfx
 _SAVED = ("save_mean", "save_invstd")
 _NEW_STATE = ("new_running_mean", "new_running_var")
 # Every form torch 2.14 emits: training IR and pre-dispatch graphs (aten.batch_norm),
@@ -40,22 +44,23 @@ _NEW_STATE = ("new_running_mean", "new_running_var")
 _FORMS_BY_OP = {
     form.op: form
     for form in (
-        AtenForm(A.batch_norm.default),
-        AtenForm(A._native_batch_norm_legit_functional.default, ("out", *_SAVED, *_NEW_STATE)),
-        AtenForm(A._native_batch_norm_legit.default, ("out", *_SAVED)),
-        AtenForm(A._native_batch_norm_legit.no_stats, ("out", *_SAVED)),
-        AtenForm(A._native_batch_norm_legit_no_training.default, ("out", *_SAVED), training=False),
-        AtenForm(A.native_batch_norm.default, ("out", *_SAVED)),
-        AtenForm(A._batch_norm_with_update.default, ("out", *_SAVED, "reserve"), training=True),
-        AtenForm(A._batch_norm_with_update_functional.default, ("out", *_SAVED, "reserve", *_NEW_STATE), training=True),
-        AtenForm(A._batch_norm_no_update.default, ("out", *_SAVED, "reserve"), training=False),
-        AtenForm(
+        OpForm(A.batch_norm.default),
+        OpForm(A._native_batch_norm_legit_functional.default, ("out", *_SAVED, *_NEW_STATE)),
+        OpForm(A._native_batch_norm_legit.default, ("out", *_SAVED)),
+        OpForm(A._native_batch_norm_legit.no_stats, ("out", *_SAVED)),
+        OpForm(A._native_batch_norm_legit_no_training.default, ("out", *_SAVED), training=False),
+        OpForm(A.native_batch_norm.default, ("out", *_SAVED)),
+        OpForm(A._batch_norm_with_update.default, ("out", *_SAVED, "reserve"), training=True),
+        OpForm(A._batch_norm_with_update_functional.default, ("out", *_SAVED, "reserve", *_NEW_STATE), training=True),
+        OpForm(A._batch_norm_no_update.default, ("out", *_SAVED, "reserve"), training=False),
+        OpForm(
             A.cudnn_batch_norm.default, ("out", *_SAVED, "reserve"),
             momentum_argument="exponential_average_factor", eps_argument="epsilon",
         ),
+        OpForm(B.module_batch_norm.default, ("out", *_NEW_STATE, "new_num_batches_tracked"), training=True),
     )
 }
-ATEN_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}
+OP_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}
 # The outputs that only batch norm's own backward reads.
 SAVED_OUTPUTS = (*_SAVED, "reserve")
 
@@ -82,6 +87,7 @@ class BatchNormSite:
     # `num_batches_tracked.add_(1)` before the call (Dynamo, export), or `add(num_batches_tracked, 1)`
     # whose result is the new counter (decomposed export)
     tracked_update: fx.Node | None = None
+    group_name: str | None = None  # bnfx.module_batch_norm: the process group its module names
 
 
 def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
@@ -114,10 +120,12 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
         return None
     a = _arguments(node)
     training = a["training"] if form.training is None else form.training
-    return _functional_site(
+    site = _functional_site(
         gm, node, form.name, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
-        training, a[form.momentum_argument], a[form.eps_argument],
+        training, a[form.momentum_argument], a[form.eps_argument], a.get("num_batches_tracked"),
     )
+    site.group_name = a.get("group_name")
+    return site
 
 
 def _arguments(node: fx.Node) -> dict[str, Any]:
@@ -135,7 +143,7 @@ def _arguments(node: fx.Node) -> dict[str, Any]:
 
 def tuple_outputs(site: BatchNormSite) -> tuple[str, ...] | None:
     """The names of the outputs ``site`` returns as a tuple; None where it returns the output alone."""
-    form = ATEN_FORMS.get(site.form)
+    form = OP_FORMS.get(site.form)
     return form.outputs if form else None
 
 
@@ -152,8 +160,10 @@ def _module_site(node: fx.Node, module: _BatchNorm) -> BatchNormSite:
     return BatchNormSite(node, "call_module", node.target, x, module.momentum, module.eps, module=module)
 
 
-def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps) -> BatchNormSite:
-    tracked = _num_batches_tracked(gm, mean)
+def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momentum, eps,
+                     tracked=None) -> BatchNormSite:
+    """``tracked``: the counter where the call names it, else the buffer named like ``mean``."""
+    tracked = tracked if tracked is not None else _num_batches_tracked(gm, mean)
     return BatchNormSite(
         node, form, _site_name(node), x, momentum, eps, training=training,
         weight=weight, bias=bias, running_mean=mean, running_var=var,

@@ -29,9 +29,10 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
 
     def group_of(site):
         sync = _own_group(site, options)
-        if id(sync) not in groups:
-            groups[id(sync)] = sync_group(sync, options.group_size, create=not dry_run, plan=plan)
-        return groups[id(sync)]
+        key = sync if isinstance(sync, str) else id(sync)
+        if key not in groups:
+            groups[key] = sync_group(sync, options.group_size, create=not dry_run, plan=plan)
+        return groups[key]
 
     group_of(None)  # the options' group: created (and the ranks' plans compared) first
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
@@ -58,11 +59,15 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
 
 
 def _own_group(site, options):
-    """``sync=True`` and an nn.SyncBatchNorm with a process_group: that group; else the options'."""
-    module = site.module if site is not None else None
-    if options.sync is True and isinstance(module, torch.nn.SyncBatchNorm) and module.process_group is not None:
+    """``sync=True`` and an nn.SyncBatchNorm with a process_group (a module in ``transform``'s
+    graph, or the group name Dynamo's graph gives ``bnfx.module_batch_norm``): that group;
+    else the options'."""
+    if options.sync is not True or site is None:
+        return options.sync
+    module = site.module
+    if isinstance(module, torch.nn.SyncBatchNorm) and module.process_group is not None:
         return module.process_group
-    return options.sync
+    return site.group_name or options.sync
 
 
 def _freezes(site, options) -> bool:

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import composer_reference
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    # as in a fresh process, where loading the "bnfx" entry point starts bnfx's frame watcher
-    # (torch._dynamo.reset() clears Dynamo's compile callbacks)
+    # as in a process where torch.compile has looked the "bnfx" backend up: loading its entry
+    # point starts bnfx's frame watcher, which torch._dynamo.reset() keeps
     torch._dynamo.reset()
     frame_watch.watch()
     yield

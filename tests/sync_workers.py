@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bnfx
+from bnfx import compile_backend
 
 CHANNELS = 3
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -54,10 +55,6 @@ def _randomized(bn: nn.Module, seed: int) -> nn.Module:
 def _sync_model(model: nn.Module, door: str, **options) -> nn.Module:
     if door == "transform":
         return bnfx.transform(model, sync=True, **options)
-    if any(getattr(m, "momentum", 0.1) is None for m in model.modules()):
-        # Dynamo breaks the graph at float(num_batches_tracked) in torch's forward: compile
-        # the rewritten graph instead (README, known limits).
-        return torch.compile(bnfx.transform(model, sync=True, **options), backend="aot_eager", fullgraph=True)
     options = {"sync": True, "inner": "aot_eager", **options}
     return torch.compile(model, backend="bnfx", fullgraph=True, options=options)
 
@@ -347,6 +344,9 @@ def converted_sync_batchnorm(rank: int, world_size: int, door: str) -> list:
     model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
     if door == "transform":
         net = bnfx.transform(model, sync=True)
+    elif door == "compile":
+        compile_backend.graph_reports.clear()
+        net = torch.compile(model, backend="bnfx", fullgraph=True, options={"sync": True, "inner": "aot_eager"})
     else:  # the graph bnfx rewrote, exported: what to do where torch.export cannot trace SyncBatchNorm
         example = torch.randn(5 if rank == 0 else 11, 3, 32, 32, dtype=torch.float64)
         net = torch.export.export(bnfx.transform(model, sync=True), (example,)).module()
@@ -365,7 +365,44 @@ def converted_sync_batchnorm(rank: int, world_size: int, door: str) -> list:
     for key, value in reference.state_dict().items():
         if "running" in key or "num_batches" in key:
             torch.testing.assert_close(state[key], value, **TOL, msg=key)
+    if door == "compile":
+        return [r.action for report in compile_backend.graph_reports for r in report]
     return [r.action for r in bnfx.explain(model, sync=True).records]
+
+
+def norm_act(rank: int, world_size: int, door: str) -> list:
+    """NormAct layers (float momentum and momentum=None) over ranks of 5 and 11 samples,
+    float64, 2 steps: outputs, input grads, parameter grads and running statistics equal
+    the same model, its own forward, on the concatenated batch."""
+    from norm_act import norm_act_model
+
+    torch.manual_seed(0)
+    reference = norm_act_model().double()
+    model = copy.deepcopy(reference)
+    compile_backend.graph_reports.clear()
+    net = _sync_model(model, door)
+    sizes = [5, 11]
+    generator = torch.Generator().manual_seed(1)
+    mine = _rank_slice(sizes, rank)
+    for _ in range(2):
+        x_all = torch.randn(sum(sizes), 3, 8, 8, generator=generator, dtype=torch.float64)
+        grad_all = torch.randn(sum(sizes), 5, generator=generator, dtype=torch.float64)
+        x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
+        out, out_ref = net(x), reference(x_ref)
+        # the reference's loss is every rank's: its parameter grads are the sum over ranks
+        out.backward(grad_all[mine])
+        out_ref.backward(grad_all)
+        torch.testing.assert_close(out, out_ref[mine], **TOL)
+        torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+        for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(_sum_over_ranks(param.grad), ref_param.grad, **TOL, msg=name)
+        model.zero_grad()
+        reference.zero_grad()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, **TOL, msg=key)
+    if door == "compile":
+        return [(r.name, r.action) for report in compile_backend.graph_reports for r in report]
+    return [(r.name, r.action) for r in bnfx.explain(model, sync=True).records]
 
 
 def named_groups(rank: int, world_size: int) -> dict[str, object]:

@@ -1,13 +1,12 @@
 """Ghost batch norm through both doors equals Composer's algorithm: outputs, gradients, state."""
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import bnfx
-from composer_reference import composer_model, unwrapped_state
+from bnfx import compile_backend
+from composer_reference import assert_steps_equal, composer_model, unwrapped_state
 
 STEPS = 3
 
@@ -55,13 +54,9 @@ CASES = {
 }
 
 
-def bnfx_model(door: str, model: nn.Module, g: int, momentum):
+def bnfx_model(door: str, model: nn.Module, g: int):
     if door == "transform":
         return bnfx.transform(model, ghost_batch_size=g)
-    if momentum is None:
-        # Dynamo runs momentum=None modules outside the graph (it breaks at
-        # float(num_batches_tracked)); the documented recipe compiles the transformed graph.
-        return torch.compile(bnfx.transform(model, ghost_batch_size=g), backend="aot_eager")
     return torch.compile(model, backend="bnfx", options={"ghost_batch_size": g, "inner": "aot_eager"})
 
 
@@ -83,7 +78,7 @@ def test_matches_composer(case, door):
         tol = dict(rtol=3e-2, atol=3e-2)
     reference = composer_model(model, g)
 
-    ours = bnfx_model(door, model, g, momentum)
+    ours = bnfx_model(door, model, g)
     got, want = run_steps(ours, batches), run_steps(reference, batches)
 
     for (out, x_grad, grads), (ref_out, ref_x_grad, ref_grads) in zip(got, want):
@@ -106,7 +101,10 @@ def test_matches_composer(case, door):
 
 
 @pytest.mark.parametrize("top", ["user class", "nn.Sequential"])
-def test_compile_warns_about_momentum_none_modules(caplog, top):
+def test_compile_rewrites_momentum_none_modules_in_one_graph(top):
+    """torch's forward reads float(num_batches_tracked), where Dynamo would break the graph and
+    run the module plain: bnfx gives it a traceable forward, in the forms users write."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -116,11 +114,12 @@ def test_compile_warns_about_momentum_none_modules(caplog, top):
         def forward(self, x):
             return self.bn(self.conv(x)).relu()
 
-    # a Sequential of the batch norm alone: its graph ends before any op, the backend never runs
-    model = Net() if top == "user class" else nn.Sequential(nn.BatchNorm2d(3, momentum=None))
-    compiled = torch.compile(model, backend="bnfx", options={"inner": "eager"})
-    with caplog.at_level("WARNING", logger="bnfx"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compiled(torch.randn(8, 3, 6, 6))
-    name = "bn" if top == "user class" else "0"
-    assert "momentum=None" in caplog.text and f": {name}." in caplog.text
+    torch.manual_seed(0)
+    # a Sequential of the batch norm alone: Dynamo compiles Sequential.forward, a torch frame
+    model = (Net() if top == "user class" else nn.Sequential(nn.BatchNorm2d(3, momentum=None))).double()
+    reference = composer_model(model, 4)
+    compile_backend.graph_reports.clear()
+    net = torch.compile(model, backend="bnfx", fullgraph=True, options={"ghost_batch_size": 4, "inner": "aot_eager"})
+    assert_steps_equal(model, reference, net, [torch.randn(b, 3, 6, 6, dtype=torch.float64) for b in (16, 16, 10)])
+    actions = [(r.form, r.action) for report in compile_backend.graph_reports for r in report]
+    assert actions and set(actions) == {("bnfx.module_batch_norm", "ghost")}

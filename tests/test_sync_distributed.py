@@ -70,7 +70,13 @@ def test_sync_over_a_subgroup_by_object_and_by_name():
     assert results[1] == {"group": reason, "name": reason}
 
 
-@pytest.mark.parametrize("door", ["transform", "export"])
+@pytest.mark.parametrize("door", ["transform", "compile", "export"])
 def test_converted_sync_batchnorm_model_syncs_on_cpu(door):
     for actions in run_world(sync_workers.converted_sync_batchnorm, 2, door):
         assert actions == ["sync"] * 20
+
+
+@pytest.mark.parametrize("door", sync_workers.DOORS)
+def test_norm_act_layers_sync_their_own_forward(door):
+    for actions in run_world(sync_workers.norm_act, 2, door):
+        assert actions == [("1", "sync"), ("3", "sync")]

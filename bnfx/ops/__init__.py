@@ -1,5 +1,6 @@
 """The bnfx operator library: importing it registers every ``torch.ops.bnfx.*`` op."""
 
+from bnfx.ops import module_batch_norm as _module_batch_norm  # noqa: F401  (registers bnfx::module_batch_norm)
 from bnfx.ops import sync_batch_norm as _sync_batch_norm  # noqa: F401  (registers bnfx::sync_batch_norm)
 from bnfx.ops.ghost_batch_norm import DECOMPOSITIONS, ghost_chunk_count, ghost_chunk_layout
 
