@@ -25,6 +25,7 @@ from torch import nn
 import bnfx
 from bnfx import compile_backend
 from bnfx.chunk_loop import chunk_loop_model
+from bnfx.model_loading import load_model
 
 
 class _SiteCounter:
@@ -43,8 +44,6 @@ class _SiteCounter:
 
 
 def _model(args) -> nn.Module:
-    from bnfx.cli import load_model
-
     torch.manual_seed(0)
     return load_model(args.model, num_classes=10)
 
@@ -153,11 +152,3 @@ def _sync_rank(rank: int, args, init: str) -> None:
             _print_table(rows, counter, f"plain batch norm on all {args.nproc * args.batch} samples", args)
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    import sys
-
-    from bnfx.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

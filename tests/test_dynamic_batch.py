@@ -13,7 +13,8 @@ from torch.export import Dim
 
 import bnfx
 import sync_workers
-from composer_reference import assert_steps_equal, composer_model, unwrapped_state
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
+from composer_reference import assert_steps_equal
 from gloo_world import run_world
 from test_export import LOAD_AND_RUN
 
@@ -32,7 +33,7 @@ def test_compiled_ghost_model_compiles_once_for_every_batch_size():
     torch._dynamo.reset()
     counters.clear()
     model = small_model().double()
-    reference = composer_model(model, 4)
+    reference = chunk_loop_model(model, 4)
     compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 4, "inner": "aot_eager"})
     inputs = [torch.randn(batch, 3, 6, 6, dtype=torch.float64) for batch in BATCHES]
     assert_steps_equal(model, reference, compiled, inputs)
@@ -54,7 +55,7 @@ def test_exported_program_with_a_batch_dim_runs_every_size(tmp_path, decomposed)
     rewritten = bnfx.transform(ep, ghost_batch_size=8)
     program = tmp_path / "model.pt2"
     torch.export.save(rewritten, program)
-    reference = composer_model(model, 8)
+    reference = chunk_loop_model(model, 8)
     data = {"steps": []}
     for size in (16, 10, 7, 33):  # 2 chunks of 8; 5, 5; one chunk; 7, 7, 7, 7, 5
         x = torch.randn(size, 3, 6, 6)

@@ -6,7 +6,8 @@ from torch import nn
 
 import bnfx
 from bnfx import compile_backend
-from composer_reference import assert_steps_equal, composer_model, unwrapped_state
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
+from composer_reference import assert_steps_equal
 
 STEPS = 3
 
@@ -76,7 +77,7 @@ def test_matches_composer(case, door):
         model = model.to(torch.bfloat16)
         batches, eval_batch = [x.bfloat16() for x in batches], eval_batch.bfloat16()
         tol = dict(rtol=3e-2, atol=3e-2)
-    reference = composer_model(model, g)
+    reference = chunk_loop_model(model, g)
 
     ours = bnfx_model(door, model, g)
     got, want = run_steps(ours, batches), run_steps(reference, batches)
@@ -117,7 +118,7 @@ def test_compile_rewrites_momentum_none_modules_in_one_graph(top):
     torch.manual_seed(0)
     # a Sequential of the batch norm alone: Dynamo compiles Sequential.forward, a torch frame
     model = (Net() if top == "user class" else nn.Sequential(nn.BatchNorm2d(3, momentum=None))).double()
-    reference = composer_model(model, 4)
+    reference = chunk_loop_model(model, 4)
     compile_backend.graph_reports.clear()
     net = torch.compile(model, backend="bnfx", fullgraph=True, options={"ghost_batch_size": 4, "inner": "aot_eager"})
     assert_steps_equal(model, reference, net, [torch.randn(b, 3, 6, 6, dtype=torch.float64) for b in (16, 16, 10)])

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 import bnfx  # noqa: F401  (registers torch.ops.bnfx)
 import sync_workers
-from composer_reference import composer_model
+from bnfx.chunk_loop import chunk_loop_model
 from gloo_world import run_world
 from test_dynamic_batch import BATCHES
 
@@ -17,7 +17,7 @@ def test_inductor_matches_composer_with_changing_batch_sizes():
     torch._dynamo.reset()
     counters.clear()
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    reference = composer_model(model, 4)
+    reference = chunk_loop_model(model, 4)
     compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 4})
     for batch in BATCHES:  # 16 even; the rest uneven chunks, one graph for a symbolic batch size
         x = torch.randn(batch, 3, 8, 8)

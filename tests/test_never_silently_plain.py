@@ -21,7 +21,7 @@ from bnfx.passes.rewrite import REASONS, MOMENTUM_NONE_WITHOUT_COUNTER, TRAINING
 from bnfx.passes.rewrite import USES_SAVED_STATISTICS
 from bnfx.process_groups import FALLBACKS, NO_PROCESS_GROUP, NOT_A_MEMBER, ONE_RANK
 from cli_models import DataDependent
-from composer_reference import composer_model, unwrapped_state
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
 from world_of_one import world_of_one
 
 
@@ -158,7 +158,7 @@ BATCHES = {"eager": [8, 12, 7, 10], "aot_eager": [8, 12, 7, 10], "inductor": [8,
 def test_dynamic_shapes_rewrite_every_site_in_the_first_graph(inner):
     torch.manual_seed(0)
     model = TwoSites()
-    reference = composer_model(model, 4)
+    reference = chunk_loop_model(model, 4)
     first = len(compile_backend.graph_reports)
     compiled = torch.compile(model, backend="bnfx", options={"ghost_batch_size": 4, "inner": inner}, dynamic=True)
     generator = torch.Generator().manual_seed(1)
@@ -196,7 +196,7 @@ def test_a_lazy_model_gets_ghost_batch_norm_from_its_first_forward():
     net = bnfx.transform(model, ghost_batch_size=4)
     assert bnfx.explain(model, ghost_batch_size=4).records[0].action == "ghost"
     initialized = nn.Sequential(copy.deepcopy(model[0]), nn.BatchNorm2d(4, momentum=0.2))
-    reference = composer_model(initialized, 4)
+    reference = chunk_loop_model(initialized, 4)
     generator = torch.Generator().manual_seed(2)
     for step in range(2):
         x = torch.randn(10, 3, 6, 6, generator=generator)
@@ -219,7 +219,7 @@ def test_ghost_under_ddp_reaches_a_top_level_sequential():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    reference = composer_model(model, 4)
+    reference = chunk_loop_model(model, 4)
     x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(3))
     with world_of_one():
         compiled = torch.compile(DDP(model), backend="bnfx", options={"ghost_batch_size": 4, "inner": "aot_eager"})

@@ -11,8 +11,9 @@ from torch import nn
 
 import bnfx
 from bnfx import compile_backend
-from composer_reference import assert_steps_equal, composer_model, unwrapped_state
-from norm_act import BatchNormAct2d, norm_act_model
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
+from composer_reference import assert_steps_equal
+from norm_act import norm_act_model
 
 GHOST_OP = torch.ops.bnfx.ghost_batch_norm.default
 
@@ -26,7 +27,7 @@ def steps_equal_composer(model, reference, net):
 def test_transform_runs_the_subclass_forward_with_ghost_statistics():
     torch.manual_seed(0)
     model = norm_act_model().double()  # one NormAct with momentum=None
-    reference = composer_model(model, 5)
+    reference = chunk_loop_model(model, 5)
     records = bnfx.explain(model, ghost_batch_size=5).records
     assert [(r.name, r.action) for r in records] == [("1", "ghost"), ("3", "ghost")]
     steps_equal_composer(model, reference, bnfx.transform(model, ghost_batch_size=5))
@@ -45,7 +46,7 @@ def test_compile_rewrites_the_call_inside_the_forward():
     (bnfx gives it a forward Dynamo can trace): one graph, both rewritten."""
     torch.manual_seed(0)
     model = norm_act_model().double()
-    reference = composer_model(model, 5)
+    reference = chunk_loop_model(model, 5)
     torch._dynamo.reset()
     compile_backend.graph_reports.clear()
     net = torch.compile(model, backend="bnfx", fullgraph=True, options={"ghost_batch_size": 5, "inner": "aot_eager"})
@@ -60,7 +61,7 @@ def test_export_of_the_transformed_model_with_momentum_none(decomposed):
     the transformed graph answers it without reading the counter, and exports."""
     torch.manual_seed(0)
     model = norm_act_model().double()
-    reference = composer_model(model, 5)
+    reference = chunk_loop_model(model, 5)
     net = bnfx.transform(model, ghost_batch_size=5)
     ep = torch.export.export(net, (torch.randn(16, 3, 8, 8, dtype=torch.float64),))
     ep = ep.run_decompositions() if decomposed else ep
@@ -76,7 +77,7 @@ def test_export_of_the_transformed_model_with_momentum_none(decomposed):
 @pytest.mark.parametrize("decomposed", [False, True], ids=["training-IR", "decomposed-IR"])
 def test_export_rewrites_the_call_inside_the_forward(decomposed):
     model = float_momentum_model()
-    reference = composer_model(model, 5)
+    reference = chunk_loop_model(model, 5)
     ep = torch.export.export(copy.deepcopy(model), (torch.randn(16, 3, 8, 8, dtype=torch.float64),))
     ep = ep.run_decompositions() if decomposed else ep
     rewritten = bnfx.transform(ep, ghost_batch_size=5)

@@ -7,7 +7,7 @@ import torchvision
 from torch._dynamo.backends.debugging import aot_eager
 
 import bnfx  # noqa: F401  (registers torch.ops.bnfx)
-from composer_reference import composer_model, unwrapped_state
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
 
 GHOST_OP = torch.ops.bnfx.ghost_batch_norm.default
 
@@ -21,7 +21,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_resnet_training_steps_match_eager_composer(name, sites, dtype):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).to(dtype)
-    reference = composer_model(model, 16)
+    reference = chunk_loop_model(model, 16)
     rewritten = []
 
     def counting_inner(gm, example_inputs):

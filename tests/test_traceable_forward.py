@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import bnfx  # noqa: F401  (registers the "bnfx" backend)
-from norm_act import norm_act_model
 
 TESTS = os.path.dirname(__file__)
 

@@ -6,7 +6,6 @@ ops run on CUDA tensors and the dispatcher picks the same functions.
 """
 
 import copy
-import math
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 import bnfx  # noqa: F401
 import kernel_workers
+from bnfx.chunk_loop import ghost_chunk_loop
 from bnfx.ops.ghost_batch_norm import ghost_batch_norm, ghost_batch_norm_backward
 from gloo_world import run_world
 
@@ -40,12 +40,6 @@ def test_import_without_triton_runs_the_generic_path():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "(8,", "3)"], done.stdout
     assert done.stderr.count("Triton is not available") == 1, done.stderr
-
-
-def chunk_loop(x, weight, bias, g):
-    """torch's batch norm run per ghost chunk: the reference for outputs and gradients."""
-    chunks = x.chunk(math.ceil(x.shape[0] / g), 0)
-    return torch.cat([F.batch_norm(c, None, None, weight, bias, True, 0.1, 1e-5) for c in chunks])
 
 
 GHOST_CASES = [
@@ -95,7 +89,7 @@ def test_ghost_kernel_matches_cpu_op(shape, g, channels_last, dtype):
         return
     # reduced precision: about what torch's own batch norm in that dtype achieves
     x_low = x.detach().clone().requires_grad_()
-    torch_out = chunk_loop(x_low, weight.to(dtype), bias.to(dtype), g)
+    torch_out = ghost_chunk_loop(x_low, weight.to(dtype), bias.to(dtype), None, None, None, g, 0.1, 1e-5)
     (torch_grad,) = torch.autograd.grad(torch_out, x_low, dy)
     for ours, theirs, exact in ((got[0], torch_out, want[0]), (got_grads[0], torch_grad, want_grads[0])):
         torch_error = (theirs.float() - exact).abs().max().item()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
+from bnfx.chunk_loop import ghost_chunk_loop
 from bnfx.ops import device_kernels, ghost_chunk_layout
 
 op = torch.ops.bnfx.ghost_batch_norm
@@ -23,18 +23,6 @@ def test_fused_cpu_kernel_is_built():
         assert extension.__name__ == "bnfx.ops._cpu_kernels_avx2"
     for name in ("ghost_batch_norm", "ghost_batch_norm_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfx::{name}", "CPU")
-
-
-def chunk_loop(x, weight, bias, mean, var, tracked, g, momentum, eps):
-    """Composer's per-chunk loop on F.batch_norm, torch's module semantics per chunk."""
-    nchunks = math.ceil(x.shape[0] / g)
-    outs = []
-    for chunk in x.chunk(nchunks, 0):
-        if tracked is not None:
-            tracked += 1
-        factor = 1.0 / float(tracked) if momentum is None else momentum / nchunks
-        outs.append(F.batch_norm(chunk, mean, var, weight, bias, True, factor, eps))
-    return torch.cat(outs)
 
 
 def test_layout_matches_torch_chunk():
@@ -71,7 +59,7 @@ def test_matches_chunk_loop(shape, g, momentum, affine, track, ghost_kernel):
     grad = torch.randn(shape, dtype=torch.float64)
 
     ref_state = [t.clone() if t is not None else None for t in (mean, var, tracked)]
-    ref_out = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
+    ref_out = ghost_chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
     ref_grads = torch.autograd.grad(ref_out, [t for t in (x, weight, bias) if t is not None], grad)
 
     out, new_mean, new_var, new_tracked, save_mean, save_invstd = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
@@ -97,7 +85,7 @@ def test_low_precision_matches_chunk_loop(dtype, ghost_kernel):
     weight, bias = torch.randn(8), torch.randn(8)
     mean, var = torch.zeros(8), torch.ones(8)
     ref_mean, ref_var = mean.clone(), var.clone()
-    ref = chunk_loop(x, weight, bias, ref_mean, ref_var, None, 16, 0.1, 1e-5)
+    ref = ghost_chunk_loop(x, weight, bias, ref_mean, ref_var, None, 16, 0.1, 1e-5)
     out, new_mean, new_var, *_ = op(x, weight, bias, mean, var, None, 16, 0.1, 1e-5)
     assert out.dtype == dtype and new_mean.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
@@ -110,7 +98,7 @@ def test_channels_last_keeps_layout_and_values(ghost_kernel):
     w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     out = op(x, w, b, None, None, None, 16, 0.1, 1e-5)[0]
     assert out.is_contiguous(memory_format=torch.channels_last)
-    ref = chunk_loop(x.contiguous(), w, b, None, None, None, 16, 0.1, 1e-5)
+    ref = ghost_chunk_loop(x.contiguous(), w, b, None, None, None, 16, 0.1, 1e-5)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
@@ -169,7 +157,7 @@ def test_property_matches_chunk_loop(batch, g, channels, spatial, momentum, fuse
     weight, bias = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
     mean, var, tracked = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64), torch.tensor(4)
     ref_state = [mean.clone(), var.clone(), tracked.clone()]
-    ref = chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
+    ref = ghost_chunk_loop(x, weight, bias, *ref_state, g, momentum, 1e-5)
     with contextlib.nullcontext() if fused else device_kernels.default_bodies("cpu"):
         out, new_mean, new_var, new_tracked, *_ = op(x, weight, bias, mean, var, tracked, g, momentum, 1e-5)
     torch.testing.assert_close(out, ref)
