@@ -42,7 +42,7 @@ def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str =
         return None, NO_PROCESS_GROUP
     if type(sync) is int and sync == dist.GroupMember.NON_GROUP_MEMBER:  # new_group() off its ranks
         return None, NOT_A_MEMBER
-    group = _named_group(sync)
+    group = named_group(sync)
     ranks = dist.get_process_group_ranks(group)
     size = group_size or len(ranks)
     if size == 1:
@@ -57,7 +57,7 @@ def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str =
     return SyncGroup(_communicator(group, ranks, size, plan).group_name, size), ""
 
 
-def _named_group(sync) -> dist.ProcessGroup:
+def named_group(sync) -> dist.ProcessGroup:
     if sync is True:
         return dist.group.WORLD
     if isinstance(sync, dist.ProcessGroup):

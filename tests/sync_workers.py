@@ -556,3 +556,23 @@ def explain_on_one_rank(rank: int, world_size: int) -> dict[str, object]:
         result = {"seconds": time.monotonic() - start, "details": [r.reason for r in report]}
     dist.barrier()
     return result
+
+
+def population_statistics(rank: int, world_size: int, sizes: list[int]) -> dict:
+    """bnfx.recompute_statistics(sync=True), each rank with its own uneven batches (3 steps,
+    this rank's batch size varying per step): equal to one process over every rank's batches."""
+    def batches_of(r):
+        generator = torch.Generator().manual_seed(10 + r)
+        return [torch.randn(max(sizes[r] - step, 0), CHANNELS, 4, generator=generator) * 2 + r for step in range(3)]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(CHANNELS, 4, 1), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 2, 1), nn.BatchNorm1d(2))
+    single = copy.deepcopy(model)
+    bnfx.recompute_statistics(model, batches_of(rank), sync=True)
+    # one process, every rank's batches as batches of their own
+    bnfx.recompute_statistics(single, [x for r in range(world_size) for x in batches_of(r) if len(x)])
+    for key, value in single.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert model[1].num_batches_tracked.item() == 3
+    return {key: value.tolist() for key, value in model.state_dict().items() if "running" in key}
