@@ -333,6 +333,20 @@ def dynamic_batches(rank: int, world_size: int, batches) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _step_equals_concatenated(net, reference, sizes, rank, sample, outputs, generator) -> None:
+    """One forward and backward of ``net`` on this rank's share of a float64 batch equals
+    ``reference``'s on the whole batch: output and input grad."""
+    x_all = torch.randn(sum(sizes), *sample, generator=generator, dtype=torch.float64)
+    grad_all = torch.randn(sum(sizes), outputs, generator=generator, dtype=torch.float64)
+    mine = _rank_slice(sizes, rank)
+    x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
+    out, out_ref = net(x), reference(x_ref)
+    out.backward(grad_all[mine])
+    out_ref.backward(grad_all)
+    torch.testing.assert_close(out, out_ref[mine], **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+
+
 def converted_sync_batchnorm(rank: int, world_size: int, door: str) -> list:
     """torchvision resnet18 after nn.SyncBatchNorm.convert_sync_batchnorm, ranks of 5 and 11
     samples, float64: outputs, input grads and running statistics equal plain batch norm on
@@ -352,15 +366,7 @@ def converted_sync_batchnorm(rank: int, world_size: int, door: str) -> list:
         net = torch.export.export(bnfx.transform(model, sync=True), (example,)).module()
     sizes = [5, 11]
     generator = torch.Generator().manual_seed(1)
-    x_all = torch.randn(sum(sizes), 3, 32, 32, generator=generator, dtype=torch.float64)
-    grad_all = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
-    mine = _rank_slice(sizes, rank)
-    x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
-    out, out_ref = net(x), reference(x_ref)
-    out.backward(grad_all[mine])
-    out_ref.backward(grad_all)
-    torch.testing.assert_close(out, out_ref[mine], **TOL)
-    torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+    _step_equals_concatenated(net, reference, sizes, rank, (3, 32, 32), 4, generator)
     state = net.state_dict() if door == "export" else model.state_dict()
     for key, value in reference.state_dict().items():
         if "running" in key or "num_batches" in key:
@@ -383,17 +389,9 @@ def norm_act(rank: int, world_size: int, door: str) -> list:
     net = _sync_model(model, door)
     sizes = [5, 11]
     generator = torch.Generator().manual_seed(1)
-    mine = _rank_slice(sizes, rank)
     for _ in range(2):
-        x_all = torch.randn(sum(sizes), 3, 8, 8, generator=generator, dtype=torch.float64)
-        grad_all = torch.randn(sum(sizes), 5, generator=generator, dtype=torch.float64)
-        x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
-        out, out_ref = net(x), reference(x_ref)
+        _step_equals_concatenated(net, reference, sizes, rank, (3, 8, 8), 5, generator)
         # the reference's loss is every rank's: its parameter grads are the sum over ranks
-        out.backward(grad_all[mine])
-        out_ref.backward(grad_all)
-        torch.testing.assert_close(out, out_ref[mine], **TOL)
-        torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
         for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(_sum_over_ranks(param.grad), ref_param.grad, **TOL, msg=name)
         model.zero_grad()
