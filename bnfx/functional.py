@@ -30,11 +30,10 @@ def ghost_batch_norm(
     >>> y = ghost_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
     ...                      ghost_batch_size=32, num_batches_tracked=bn.num_batches_tracked)
     """
-    out, *new_state = torch.ops.bnfx.ghost_batch_norm(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
+    return _updating_state(
+        torch.ops.bnfx.ghost_batch_norm, input, weight, bias, running_mean, running_var, num_batches_tracked,
+        ghost_batch_size, momentum, eps,
     )
-    _write_state(running_mean, running_var, num_batches_tracked, *new_state[:3])
-    return out
 
 
 def sync_batch_norm(
@@ -62,30 +61,34 @@ def sync_batch_norm(
 
 
 def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked):
-    out, *new_state = torch.ops.bnfx.sync_batch_norm(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
+    return _updating_state(
+        torch.ops.bnfx.sync_batch_norm, input, weight, bias, running_mean, running_var, num_batches_tracked,
+        momentum, eps, group_name,
     )
-    _write_state(running_mean, running_var, num_batches_tracked, *new_state[:3])
-    return out
 
 
 def module_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked):
     """``torch.ops.bnfx.module_batch_norm`` (a site for bnfx's passes) that updates the given
     running statistics in place."""
-    out, *new_state = torch.ops.bnfx.module_batch_norm.default(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
+    return _updating_state(
+        torch.ops.bnfx.module_batch_norm.default, input, weight, bias, running_mean, running_var,
+        num_batches_tracked, momentum, eps, group_name,
     )
-    _write_state(running_mean, running_var, num_batches_tracked, *new_state)
-    return out
 
 
-def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked) -> None:
+def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars) -> Tensor:
+    """``op``'s output (a bnfx op: ``(out, new_running_mean, new_running_var,
+    new_num_batches_tracked, *saved)``), with the new state written back in place."""
+    out, new_mean, new_var, new_tracked, *_ = op(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars
+    )
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
         if num_batches_tracked is not None:
             num_batches_tracked.copy_(new_tracked)
+    return out
 
 
 def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size: int) -> Tensor:

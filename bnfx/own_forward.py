@@ -65,7 +65,7 @@ class _Redirect(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _READ_COUNT and args[0] is self.module.num_batches_tracked and self.cumulative:
+        if self.cumulative and func in _READ_COUNT and args[0] is self.module.num_batches_tracked:
             return _UNUSED_COUNT
         if func is F.batch_norm:
             a = _BATCH_NORM.bind(*args, **kwargs)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfx.passes.sites import OP_FORMS
+from bnfx.passes.sites import OP_FORMS, schema_arguments
 from bnfx.process_groups import named_group
 
 _SAVED = ("save_mean", "save_invstd")
@@ -138,13 +138,17 @@ class _Moments:
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
         return _Moments(count, mean, m2)
 
+    @staticmethod
+    def zeros(channels: int, device) -> _Moments:
+        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
+        return _Moments(zeros.new_zeros(1), zeros, zeros.clone())
+
 
 def _batch_moments(input: Tensor) -> _Moments:
     channels = input.shape[1]
     count = input.numel() // channels if channels else 0
     if count == 0:
-        zeros = torch.zeros(channels, dtype=torch.float64, device=input.device)
-        return _Moments(zeros.new_zeros(1), zeros, zeros.clone())
+        return _Moments.zeros(channels, input.device)
     values = input if input.dtype in (torch.float32, torch.float64) else input.float()
     # Relative to one of its values per channel: a mean far from the spread (1e6 + randn in
     # float32) would leave the float32 moments nothing but rounding.
@@ -165,15 +169,15 @@ class _Sites:
         self.names = [name for name, _ in modules]
         self.modules = [module for _, module in modules]
         self._index = {m.running_mean.data_ptr(): i for i, m in enumerate(self.modules)}
+        self._state = {id(s) for m in self.modules for s in (m.running_mean, m.running_var, m.num_batches_tracked)}
         self.total = [self._empty(m) for m in self.modules]
 
     @staticmethod
     def _empty(module: _BatchNorm) -> _Moments:
-        zeros = torch.zeros_like(module.running_mean, dtype=torch.float64)
-        return _Moments(zeros.new_zeros(1), zeros, zeros.clone())
+        return _Moments.zeros(module.running_mean.numel(), module.running_mean.device)
 
     def owns(self, buffer: Tensor) -> bool:
-        return any(buffer is s for m in self.modules for s in (m.running_mean, m.running_var, m.num_batches_tracked))
+        return id(buffer) in self._state
 
     def index(self, running_mean) -> int | None:
         return self._index.get(running_mean.data_ptr()) if isinstance(running_mean, Tensor) else None
@@ -228,7 +232,7 @@ class _BatchStatistics(TorchDispatchMode):
         names = _OUTPUTS.get(func)
         if names is None:
             return func(*args, **kwargs)
-        a = _arguments(func, args, kwargs)
+        a = schema_arguments(func, args, kwargs)
         site = self.sites.index(a.get("running_mean"))
         if site is None:
             return func(*args, **kwargs)
@@ -239,25 +243,23 @@ class _BatchStatistics(TorchDispatchMode):
         out, save_mean, save_invstd = torch.ops.aten.native_batch_norm.default(
             input, a.get("weight"), a.get("bias"), None, None, True, 0.0, eps
         )
-        values = {
-            "out": out, "save_mean": save_mean, "save_invstd": save_invstd, "save_var": save_invstd,
-            "reserve": input.new_empty(0, dtype=torch.uint8), "count": input.new_empty(1, dtype=torch.float64),
-            "new_running_mean": a["running_mean"].clone(), "new_running_var": a["running_var"].clone(),
-            "new_num_batches_tracked": _clone_or_empty(a.get("num_batches_tracked"), input),
-        }
-        outputs = tuple(values[name] for name in names)
+        # Under no_grad no backward reads the saved outputs: save_var stands in with invstd's shape.
+        computed = {"out": out, "save_mean": save_mean, "save_invstd": save_invstd, "save_var": save_invstd}
+        outputs = tuple(computed[name] if name in computed else _unchanged(name, a, input) for name in names)
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def _clone_or_empty(state, input: Tensor) -> Tensor:
+# an op's new-state output -> the state argument it stands for
+_STATE_ARGUMENTS = {
+    "new_running_mean": "running_mean", "new_running_var": "running_var", "new_num_batches_tracked": "num_batches_tracked",
+}
+
+
+def _unchanged(name: str, arguments: dict[str, Any], input: Tensor) -> Tensor:
+    """An op's output that no normalization computes: its state as it was, or an empty buffer."""
+    if name == "reserve":
+        return input.new_empty(0, dtype=torch.uint8)
+    if name == "count":
+        return input.new_empty(1, dtype=torch.float64)
+    state = arguments.get(_STATE_ARGUMENTS[name])
     return input.new_empty(0) if state is None else state.clone()
-
-
-def _arguments(func, args, kwargs) -> dict[str, Any]:
-    arguments = {}
-    for position, argument in enumerate(func._schema.arguments):
-        if position < len(args):
-            arguments[argument.name] = args[position]
-        elif argument.name in kwargs:
-            arguments[argument.name] = kwargs[argument.name]
-    return arguments

@@ -37,23 +37,20 @@ def give_traceable_forwards(root: nn.Module) -> list[str]:
     """Give every module of ``root`` that needs one a traceable forward; return their names."""
     names = []
     for name, module in root.named_modules():
-        if isinstance(module, _BatchNorm) and _needs_traceable_forward(module):
-            group_name = _sync_group_name(module)
-            current = module.__dict__.get("forward")
-            if isinstance(current, functools.partial) and current.args == (module, group_name):
-                continue
-            module.forward = functools.partial(_traceable_forward, module, group_name)
-            names.append(name or type(module).__name__)
+        if not isinstance(module, _BatchNorm):
+            continue
+        group_name = _sync_group_name(module)
+        cumulative = module.momentum is None and module.track_running_stats
+        if not (cumulative or group_name is not None):
+            continue
+        current = module.__dict__.get("forward")
+        if isinstance(current, functools.partial) and current.args == (module, group_name):
+            continue
+        module.forward = functools.partial(_traceable_forward, module, group_name)
+        names.append(name or type(module).__name__)
     if names:
         log.info("bnfx: traceable forwards for %s", ", ".join(names))
     return names
-
-
-def _needs_traceable_forward(module: _BatchNorm) -> bool:
-    cumulative = module.momentum is None and module.track_running_stats
-    if has_own_forward(module):
-        return cumulative
-    return cumulative or _sync_group_name(module) is not None
 
 
 def _sync_group_name(module: _BatchNorm) -> str | None:

@@ -118,7 +118,7 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
     form = _FORMS_BY_OP.get(node.target)
     if form is None:
         return None
-    a = _arguments(node)
+    a = schema_arguments(node.target, node.args, node.kwargs)
     training = a["training"] if form.training is None else form.training
     site = _functional_site(
         gm, node, form.name, a["input"], a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
@@ -128,14 +128,14 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
     return site
 
 
-def _arguments(node: fx.Node) -> dict[str, Any]:
-    """``node``'s arguments by their names in its op's schema, defaults filled in."""
+def schema_arguments(op, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by their names in ``op``'s schema, defaults filled in."""
     arguments = {}
-    for position, argument in enumerate(node.target._schema.arguments):
-        if position < len(node.args):
-            arguments[argument.name] = node.args[position]
-        elif argument.name in node.kwargs:
-            arguments[argument.name] = node.kwargs[argument.name]
+    for position, argument in enumerate(op._schema.arguments):
+        if position < len(args):
+            arguments[argument.name] = args[position]
+        elif argument.name in kwargs:
+            arguments[argument.name] = kwargs[argument.name]
         elif argument.has_default_value():
             arguments[argument.name] = argument.default_value
     return arguments
