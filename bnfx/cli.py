@@ -4,6 +4,7 @@
     bnfx inspect resnet50 --ghost-batch-size 16
     bnfx inspect model.pt2
     bnfx export resnet18 -o resnet18_ghost.pt2 --ghost-batch-size 16 --input-shape 32,3,224,224
+    bnfx export resnet18 -o resnet18_folded.pt2 --eval --fold --input-shape 1,3,224,224
 
 A bad argument prints one line and exits with code 2.
 """
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--decomposed", action="store_true", help="save the decomposed IR (run_decompositions)")
     export.add_argument("--eval", action="store_true", help="export the model in eval mode")
+    export.add_argument(
+        "--fold", action="store_true",
+        help="with --eval: fold batch norm into the convolution or linear layer before it (bnfx.fold) "
+        "instead of rewriting it",
+    )
     export.set_defaults(run=_run_export)
     return parser
 
@@ -91,6 +97,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync", action="store_true", help="sync mode (over WORLD)")
     parser.add_argument("--group-size", type=_positive, help="sync mode within blocks of this many ranks")
     parser.add_argument("--freeze", action="store_true", help="sync mode, running statistics only")
+
+
+def _given_options(args) -> str:
+    """The bnfx options on the command line, as typed (``--ghost-batch-size 16 --sync``)."""
+    given = [f"--ghost-batch-size {args.ghost_batch_size}" if args.ghost_batch_size else "",
+             f"--group-size {args.group_size}" if args.group_size else "",
+             "--sync" if args.sync else "", "--freeze" if args.freeze else ""]
+    return " ".join(flag for flag in given if flag)
 
 
 def _options(args) -> dict:
@@ -158,9 +172,14 @@ def _load_program(path: str):
 
 
 def _run_export(args) -> None:
+    from bnfx.fold import folded_copy
     from bnfx.transform import _rewritten_copy
 
-    options = _options(args)
+    if args.fold and not args.eval:
+        raise UsageError("bnfx: --fold needs --eval: folding bakes the running statistics into the weights")
+    if args.fold and _given_options(args):
+        raise UsageError(f"bnfx: --fold folds eval batch norm; {_given_options(args)} does not apply to it")
+    options = {} if args.fold else _options(args)
     _check_output_path(args.output)
     model = load_model(args.model).train(not args.eval)
     _check_input_shape(model, args)
@@ -170,10 +189,16 @@ def _run_export(args) -> None:
         raise UsageError(f"bnfx: torch.export cannot export {args.model}: {first_line(error)}") from None
     if args.decomposed:
         program = program.run_decompositions()
-    rewritten, report = _rewritten_copy(program, options)  # one rewrite: the program and its table
+    if args.fold:
+        rewritten, report = folded_copy(program)
+        report.warn_plain_sites()
+        loading = "torch.export.load reads it without bnfx"
+    else:
+        rewritten, report = _rewritten_copy(program, options)  # one rewrite: the program and its table
+        loading = "load it after `import bnfx`"
     torch.export.save(rewritten, args.output)
     print(report)
-    print(f"saved {args.output} (load it after `import bnfx`)")
+    print(f"saved {args.output} ({loading})")
 
 
 def _check_output_path(path: str) -> None:

@@ -26,7 +26,7 @@ def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -
     gm = copy.deepcopy(ep.graph_module)
     report = run_passes(gm, options, dry_run=dry_run)
     _fill_fake_values(gm)
-    signature = _without_unchanged_buffers(_renamed(ep.graph_signature, gm), gm)
+    signature = _without_unchanged_buffers(renamed_signature(ep.graph_signature, gm), gm)
     rewritten = ExportedProgram(
         root=gm,
         graph=gm.graph,
@@ -65,7 +65,7 @@ def _fill_fake_values(gm: fx.GraphModule) -> None:
                 node.meta["val"] = node.target(*args, **kwargs)
 
 
-def _renamed(signature: ExportGraphSignature, gm: fx.GraphModule) -> ExportGraphSignature:
+def renamed_signature(signature: ExportGraphSignature, gm: fx.GraphModule) -> ExportGraphSignature:
     """The signature naming the graph's nodes as they are now: copying a graph renames
     placeholders that shadow builtins (``input``), and rewrites replace returned nodes."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

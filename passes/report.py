@@ -19,7 +19,7 @@ EVAL_MODE = "eval mode: normalizes with running statistics"
 class SiteRecord:
     name: str
     form: str
-    action: str  # "ghost", "sync", "frozen", or "left alone"
+    action: str  # "ghost", "sync", "frozen", "folded", or "left alone"
     reason: str = ""
 
     @property
@@ -33,6 +33,7 @@ class Report:
     """One record per batch-norm site; ``print(report)`` shows them as a table."""
 
     records: list[SiteRecord] = field(default_factory=list)
+    done: str = "rewritten"  # what the summary line calls the sites that were changed
 
     def rewritten(self, site, action: str, detail: str = "") -> None:
         self.records.append(SiteRecord(site.name, site.form, action, detail))
@@ -76,4 +77,4 @@ class Report:
     def __str__(self) -> str:
         rows = [(r.name, r.form, r.action, r.reason) for r in self.records]
         table = tabulate(rows, headers=["site", "IR form", "action", "detail"], tablefmt="simple")
-        return f"{table}\n{self.found} batch-norm sites, {self.rewritten_count} rewritten"
+        return f"{table}\n{self.found} batch-norm sites, {self.rewritten_count} {self.done}"

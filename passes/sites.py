@@ -165,7 +165,7 @@ def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momen
     """``tracked``: the counter where the call names it, else the buffer named like ``mean``."""
     tracked = tracked if tracked is not None else _num_batches_tracked(gm, mean)
     return BatchNormSite(
-        node, form, _site_name(node), x, momentum, eps, training=training,
+        node, form, module_path(node), x, momentum, eps, training=training,
         weight=weight, bias=bias, running_mean=mean, running_var=var,
         num_batches_tracked=tracked, tracked_update=_tracked_update(tracked, node),
     )
@@ -201,8 +201,9 @@ def _tracked_update(tracked: fx.Node | None, site: fx.Node) -> fx.Node | None:
     return None
 
 
-def _site_name(node: fx.Node) -> str:
-    """The module path Dynamo recorded (``L['self'].layer1[0].bn1`` -> ``layer1.0.bn1``)."""
+def module_path(node: fx.Node) -> str:
+    """The path of the module that made ``node``, as Dynamo or export recorded it
+    (``L['self'].layer1[0].bn1`` -> ``layer1.0.bn1``); else the node's name."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return node.name
