@@ -3,6 +3,7 @@
     bnfx demo [--model resnet18] [--steps 4] [--sync --nproc 2]
     bnfx inspect resnet50 --ghost-batch-size 16
     bnfx inspect model.pt2
+    bnfx inspect resnet18 --eval --fold
     bnfx export resnet18 -o resnet18_ghost.pt2 --ghost-batch-size 16 --input-shape 32,3,224,224
     bnfx export resnet18 -o resnet18_folded.pt2 --eval --fold --input-shape 1,3,224,224
 
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help=_MODEL_HELP + ", or an exported FILE.pt2")
     _add_options(inspect)
     inspect.add_argument("--eval", action="store_true", help="inspect the model in eval mode")
+    inspect.add_argument("--fold", action="store_true", help="what bnfx.fold does to each site (bnfx.explain_fold)")
     inspect.set_defaults(run=_run_inspect)
 
     export = commands.add_parser("export", help="torch.export a model, rewrite it, save it as .pt2")
@@ -97,6 +99,15 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync", action="store_true", help="sync mode (over WORLD)")
     parser.add_argument("--group-size", type=_positive, help="sync mode within blocks of this many ranks")
     parser.add_argument("--freeze", action="store_true", help="sync mode, running statistics only")
+
+
+def _check_fold_arguments(args) -> None:
+    if not args.fold:
+        return
+    if not args.eval and not args.model.endswith(".pt2"):
+        raise UsageError("bnfx: --fold needs --eval: folding bakes the running statistics into the weights")
+    if _given_options(args):
+        raise UsageError(f"bnfx: --fold folds eval batch norm; {_given_options(args)} does not apply to it")
 
 
 def _given_options(args) -> str:
@@ -146,13 +157,14 @@ def _shape(text: str) -> tuple[int, ...]:
 def _run_inspect(args) -> None:
     import bnfx
 
-    options = _options(args)
+    _check_fold_arguments(args)
+    options = {} if args.fold else _options(args)
     if args.model.endswith(".pt2"):
         model = _load_program(args.model)
     else:
         model = load_model(args.model).train(not args.eval)
     try:
-        print(bnfx.explain(model, **options))
+        print(bnfx.explain_fold(model) if args.fold else bnfx.explain(model, **options))
     except TraceError as error:
         raise UsageError(f"bnfx: {error}") from None
 
@@ -175,10 +187,7 @@ def _run_export(args) -> None:
     from bnfx.fold import folded_copy
     from bnfx.transform import _rewritten_copy
 
-    if args.fold and not args.eval:
-        raise UsageError("bnfx: --fold needs --eval: folding bakes the running statistics into the weights")
-    if args.fold and _given_options(args):
-        raise UsageError(f"bnfx: --fold folds eval batch norm; {_given_options(args)} does not apply to it")
+    _check_fold_arguments(args)
     options = {} if args.fold else _options(args)
     _check_output_path(args.output)
     model = load_model(args.model).train(not args.eval)

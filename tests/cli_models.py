@@ -1,5 +1,6 @@
 """Model factories for the command-line tests (``bnfx inspect cli_models:NAME``)."""
 
+import torch
 from torch import nn
 
 
@@ -22,3 +23,14 @@ def not_a_model():
 
 def broken():
     raise FileNotFoundError("no weights here")
+
+
+def seeded_convnet():
+    """The same weights and running statistics on every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=4),
+                          nn.BatchNorm2d(4))
+    for module in (model[1], model[4]):
+        module.running_mean.normal_()
+        module.running_var.uniform_(0.5, 2.0)
+    return model

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import bnfx  # noqa: F401  (registers torch.ops.bnfx for loading exported programs)
+import cli_models
 
 BNFX = str(Path(sys.executable).parent / "bnfx")
 TESTS = os.path.dirname(__file__)
@@ -70,6 +71,21 @@ def test_export_then_load_and_run(tmp_path):
     torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_folded_then_load_without_bnfx(tmp_path):
+    program = tmp_path / "folded.pt2"
+    result = run("export", "cli_models:seeded_convnet", "-o", str(program), "--eval", "--fold",
+                 "--input-shape", "2,3,9,9", "--decomposed")
+    assert result.returncode == 0, result.stderr
+    assert "2 batch-norm sites, 2 folded" in result.stdout and "reads it without bnfx" in result.stdout
+    loaded = torch.export.load(program)
+    assert not bnfx.find_sites(loaded.graph_module)
+    x = torch.randn(2, 3, 9, 9)
+    expected = cli_models.seeded_convnet().eval()(x)
+    torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-5, atol=1e-5)
+    inspected = run("inspect", str(program), "--fold")
+    assert inspected.returncode == 0 and "0 batch-norm sites, 0 folded" in inspected.stdout
+
+
 def test_inspect_exported_program(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     program = tmp_path / "plain.pt2"
@@ -97,6 +113,9 @@ def test_inspect_exported_program(tmp_path):
         (["export", "resnet18", "-o", "x.pt2", "--input-shape", "1,3,32,32"],
          "a training-mode export needs a batch of 2 samples or more"),
         (["export", "resnet18", "-o", "no_such_folder/x.pt2"], "no such folder"),
+        (["export", "resnet18", "-o", "x.pt2", "--fold"], "--fold needs --eval"),
+        (["inspect", "resnet18", "--eval", "--fold", "--ghost-batch-size", "8"],
+         "--fold folds eval batch norm; --ghost-batch-size 8 does not apply to it"),
         (["inspect", "cli_models:untraceable"], 'cannot trace DataDependent'),
         (["inspect", "cli_models:not_a_model"], "cli_models:not_a_model must return an nn.Module, got int"),
         (["inspect", "cli_models:broken"], "cannot load model 'cli_models:broken': no weights here"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 import bnfx
 from bnfx.passes.fold import NOT_FOLDABLE_PRODUCER, OWN_FORWARD, TRAINING
@@ -191,6 +192,19 @@ def test_shared_weights_training_sites_and_other_producers_are_left_alone():
         "0 makes a 3-d output: batch norm's channels are not its features"
     ]
     assert [r.reason for r in bnfx.explain_fold(sequence.run_decompositions())] == [NOT_FOLDABLE_PRODUCER]
+
+
+def test_a_linear_layer_on_sequences_is_left_alone_where_torch_fuse_folds_it_wrongly():
+    """BatchNorm1d on [N, L, F] normalizes over L; torch's fuse folds it into the F features
+    whenever L == F."""
+    model = trained_statistics(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    x = torch.randn(2, 4, 4)
+    with torch.no_grad():
+        expected = model(x)
+        assert (fuse(model)(x) - expected).abs().max() > 0.1
+        folded = bnfx.fold(model, example_inputs=(x,))
+        assert site_count(folded) == 1
+        torch.testing.assert_close(folded(x), expected)
 
 
 def test_graph_modules_fold_into_modules_and_attributes():
