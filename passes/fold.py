@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from bnfx.passes.report import Report
-from bnfx.passes.rewrite import has_own_forward
+from bnfx.passes.rewrite import TRAINING_IN_GRAPH, USES_SAVED_STATISTICS, has_own_forward
 from bnfx.passes.sites import BatchNormSite, find_sites, module_path, output_name, schema_arguments
 
 A = torch.ops.aten
@@ -23,7 +23,6 @@ OWN_FORWARD = "its module has its own forward"
 UNINITIALIZED = "uninitialized lazy module"
 STATS_NOT_CONSTANT = "its running statistics or affine parameters are not constants of the graph"
 NOT_FOLDABLE_PRODUCER = "its input does not come from a convolution or linear layer"
-READS_SAVED = "the graph uses batch norm's saved statistics"
 
 
 class Constants(Protocol):
@@ -65,26 +64,24 @@ def fold_batch_norm(gm: fx.GraphModule, constants: Constants, report: Report) ->
         if isinstance(producer, str):
             report.left_alone(site, producer)
             continue
-        reason = _eval_statistics(gm, site, constants)
-        if isinstance(reason, str):
-            report.left_alone(site, reason)
+        affine = _eval_affine(site, constants)
+        if isinstance(affine, str):
+            report.left_alone(site, affine)
             continue
-        scale, shift = reason
-        folded = _folded(producer, scale, shift)
+        folded = _folded(producer, *affine)
         if isinstance(folded, str):
             report.left_alone(site, folded)
             continue
         producer.install(*folded)
         _bypass(gm, site, producer.node, constants)
         report.rewritten(site, "folded", f"into {producer.name}")
-    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _eval_statistics(gm, site: BatchNormSite, constants: Constants):
+def _eval_affine(site: BatchNormSite, constants: Constants):
     """``(scale, shift)`` in float64 with ``bn(z) == z * scale + shift`` per channel, or why not."""
     if site.form == "call_module":
         module = site.module
@@ -99,9 +96,9 @@ def _eval_statistics(gm, site: BatchNormSite, constants: Constants):
         mean, var, weight, bias = module.running_mean, module.running_var, module.weight, module.bias
     else:
         if site.training is not False:
-            return TRAINING if site.training is True else "training flag is computed in the graph"
+            return TRAINING if site.training is True else TRAINING_IN_GRAPH
         if any(output_name(site, user) not in (None, "out") for user in site.node.users):
-            return READS_SAVED
+            return USES_SAVED_STATISTICS
         if site.running_mean is None:
             return NO_RUNNING_STATS
         nodes = (site.running_mean, site.running_var, site.weight, site.bias)
@@ -183,9 +180,9 @@ def _producer(gm: fx.GraphModule, site: BatchNormSite, constants: Constants) -> 
     if node.op == "call_module":
         found = _module_producer(gm, node)
     elif node.target in (A.addmm.default, A.mm.default):
-        found = _matmul_producer(gm, node, constants)
+        found = _matmul_producer(node, constants)
     else:
-        found = _op_producer(gm, node, constants)
+        found = _op_producer(node, constants)
     if isinstance(found, str):
         return found
     if len(node.users) > 1:
@@ -212,19 +209,17 @@ def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | str:
     return _Producer(node, node.target, kind, module.weight, module.bias, getattr(module, "groups", 1), install)
 
 
-def _op_producer(gm: fx.GraphModule, node: fx.Node, constants: Constants) -> _Producer | str:
+def _op_producer(node: fx.Node, constants: Constants) -> _Producer | str:
     op = _FUNCTION_SCHEMAS.get(node.target, node.target)
-    if op in _CONV_OPS:
-        kind = "conv"
-    elif op in _CONV_TRANSPOSE_OPS:
-        kind = "conv_transpose"
-    elif op is A.linear.default:
-        kind = "linear"
-    elif op is A.convolution.default:
-        kind = "conv_transpose" if node.args[6] else "conv"
-    else:
+    if op not in _CONV_OPS | _CONV_TRANSPOSE_OPS | {A.linear.default, A.convolution.default}:
         return NOT_FOLDABLE_PRODUCER
     arguments = schema_arguments(op, node.args, node.kwargs)
+    if op is A.linear.default:
+        kind = "linear"
+    elif op in _CONV_TRANSPOSE_OPS or (op is A.convolution.default and arguments["transposed"]):
+        kind = "conv_transpose"
+    else:
+        kind = "conv"
     name = module_path(node)
     weight_node, bias_node = arguments["weight"], arguments.get("bias")
     weight = _sole_constant(constants, weight_node, node)
@@ -249,7 +244,7 @@ def _op_producer(gm: fx.GraphModule, node: fx.Node, constants: Constants) -> _Pr
     return _Producer(node, name, kind, weight, bias, arguments.get("groups", 1), install)
 
 
-def _matmul_producer(gm: fx.GraphModule, node: fx.Node, constants: Constants) -> _Producer | str:
+def _matmul_producer(node: fx.Node, constants: Constants) -> _Producer | str:
     """Decomposed linear: ``addmm(bias, x, permute(weight, [1, 0]))`` or ``mm(x, permute(...))``."""
     name = module_path(node)
     if node.target is A.addmm.default:
