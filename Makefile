@@ -6,7 +6,7 @@ STAMP := $(VENV)/.bnfx-installed
 
 .PHONY: test demo bench clean
 
-$(STAMP): pyproject.toml setup.py Makefile bnfx/ops/csrc/batch_norm_cpu.cpp
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard bnfx/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	# --no-build-isolation: the C++ kernels build against the torch installed above

@@ -51,12 +51,15 @@ def register_autograd(op, backward_op, scalars: tuple[str, ...]) -> None:
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs[:3]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs backward ignores
         ctx.save_for_backward(input, weight, *output[4:])
         ctx.scalars = [inputs[i] for i in positions]
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_out, *_state_grads):
         input, weight, *saved = ctx.saved_tensors
+        if grad_out is None:  # only the non-differentiable outputs were used
+            return (None,) * len(names)
         grad_input, grad_weight, grad_bias = backward_op(grad_out, input, weight, *saved, *ctx.scalars)
         # None where weight or bias was None (the backward ops return empty tensors there)
         if weight is None:

@@ -23,6 +23,7 @@ Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -57,7 +58,7 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, nu
     chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
     last = batch - (ghost_chunk_count(batch, ghost_batch_size) - 1) * chunk_size
     torch._check_value(
-        last * input[0, 0].numel() != 1,
+        last * math.prod(input.shape[2:]) != 1,
         lambda: (
             f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
             f"ghost batch of 1 sample of shape {tuple(_concrete(n) for n in input.shape[1:])} "
@@ -208,11 +209,22 @@ def _forward_triton(input, weight, bias, ghost_batch_size, eps):
     return out, mean.float(), invstd, (m2 / (counts - 1)).float()
 
 
-def _ghost_batch_norm(forward, input, weight, bias, running_mean, running_var, num_batches_tracked,
+def _new_state_cpu(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum):
+    """``_new_state`` with the running statistics from the C++ extension (one call, not a dozen ops)."""
+    if running_mean is None:
+        return _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum)
+    new_mean, new_var = device_kernels.cpu_extension().running_stats(
+        running_mean, running_var, save_mean, unbiased_vars, momentum, num_batches_tracked
+    )
+    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
+    return new_mean, new_var, new_tracked
+
+
+def _ghost_batch_norm(forward, new_state, input, weight, bias, running_mean, running_var, num_batches_tracked,
                       ghost_batch_size, momentum, eps):
     _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
     out, save_mean, save_invstd, unbiased = forward(input, weight, bias, ghost_batch_size, eps)
-    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
+    state = new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
     return (out, *state, save_mean, save_invstd)
 
 
@@ -235,7 +247,7 @@ def ghost_batch_norm(
     ``save_mean``/``save_invstd`` are ``[nchunks, C]`` for the backward.
     """
     return _ghost_batch_norm(
-        _forward_views, input, weight, bias, running_mean, running_var, num_batches_tracked,
+        _forward_views, _new_state, input, weight, bias, running_mean, running_var, num_batches_tracked,
         ghost_batch_size, momentum, eps,
     )
 
@@ -336,12 +348,12 @@ contract.register_autograd(ghost_batch_norm, torch.ops.bnfx.ghost_batch_norm_bac
 
 # Device kernels: the same op around each device's forward and backward.
 if device_kernels.cpu_extension() is not None:
-    device_kernels.register(ghost_batch_norm, "cpu", functools.partial(_ghost_batch_norm, _forward_cpu))
+    device_kernels.register(ghost_batch_norm, "cpu", functools.partial(_ghost_batch_norm, _forward_cpu, _new_state_cpu))
     device_kernels.register(
         ghost_batch_norm_backward, "cpu", functools.partial(_ghost_batch_norm_backward, _backward_cpu)
     )
 if device_kernels.triton_launchers() is not None:
-    device_kernels.register(ghost_batch_norm, "cuda", functools.partial(_ghost_batch_norm, _forward_triton))
+    device_kernels.register(ghost_batch_norm, "cuda", functools.partial(_ghost_batch_norm, _forward_triton, _new_state))
     device_kernels.register(
         ghost_batch_norm_backward, "cuda", functools.partial(_ghost_batch_norm_backward, _backward_triton)
     )

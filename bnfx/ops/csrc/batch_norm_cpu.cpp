@@ -18,6 +18,8 @@
 //   and recovers its lo from the data.
 // Statistics come back in the math type (double for moments).
 
+#include "batch_norm_cpu.h"
+
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -351,6 +353,10 @@ void moments_rows(const Layout& l, const T* x, double* mean, double* m2) {
   });
 }
 
+}  // namespace
+
+namespace bnfx_cpu {
+
 // Returns (mean, m2), [C] in double; zeros for an empty batch.
 std::vector<at::Tensor> moments(const at::Tensor& input) {
   auto mean = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
@@ -511,12 +517,61 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& i
   return {dx, sum_dy, sum_dy_xmu};
 }
 
-}  // namespace
+// Composer's running-statistics updates, one per chunk in order with momentum / nchunks, in
+// closed form and in double: chunk j weighs f (1 - f)^(n - 1 - j) with f = momentum / n, the
+// old value (1 - f)^n. Without momentum each chunk is one batch of the cumulative average after
+// the num_batches_tracked batches before. Returns (new_running_mean, new_running_var) in the
+// running statistics' dtype: the default body's arithmetic, without its dozen small ops.
+std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                      const at::Tensor& means, const at::Tensor& unbiased_vars,
+                                      c10::optional<double> momentum,
+                                      const c10::optional<at::Tensor>& num_batches_tracked) {
+  const int64_t n = means.size(0), channels = means.size(1);
+  auto new_mean = running_mean.to(at::kDouble, false, /*copy=*/true).contiguous();
+  auto new_var = running_var.to(at::kDouble, false, /*copy=*/true).contiguous();
+  std::vector<double> chunk_weight(n);
+  double keep;
+  if (momentum.has_value()) {
+    const double f = *momentum / n;
+    keep = std::pow(1.0 - f, n);
+    for (int64_t j = 0; j < n; ++j) chunk_weight[j] = f * std::pow(1.0 - f, n - 1 - j);
+  } else {
+    TORCH_CHECK(num_batches_tracked.has_value(), "momentum=None (cumulative average) needs num_batches_tracked");
+    const double seen = num_batches_tracked->item<double>(), total = seen + n;
+    keep = seen / total;
+    std::fill(chunk_weight.begin(), chunk_weight.end(), 1.0 / total);
+  }
+  double* __restrict rm = new_mean.mutable_data_ptr<double>();
+  double* __restrict rv = new_var.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    rm[c] *= keep;
+    rv[c] *= keep;
+  }
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "bnfx_running_stats", [&] {
+    auto m = means.contiguous(), v = unbiased_vars.to(means.scalar_type()).contiguous();
+    for (int64_t j = 0; j < n; ++j) {  // row by row: [n, C] statistics are read once, in order
+      const scalar_t* __restrict mj = m.const_data_ptr<scalar_t>() + j * channels;
+      const scalar_t* __restrict vj = v.const_data_ptr<scalar_t>() + j * channels;
+      const double w = chunk_weight[j];
+      for (int64_t c = 0; c < channels; ++c) {
+        rm[c] += w * double(mj[c]);
+        rv[c] += w * double(vj[c]);
+      }
+    }
+  });
+  return {new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
+}
+
+}  // namespace bnfx_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
+  using namespace bnfx_cpu;
   m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
   m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
+  m.def("set_ghost_fast_path", &set_ghost_fast_path,
+        "whether bnfx::ghost_batch_norm's CPU autograd kernel computes in C++ where its kernels take the call");
+  m.def("running_stats", &running_stats, "ghost batch norm's new running mean and variance, in double");
   m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
   m.def("normalize", &normalize, "(x - mean) scale + shift with per-channel coefficients, contiguous CPU input");
   m.def("affine_grad", &affine_grad,

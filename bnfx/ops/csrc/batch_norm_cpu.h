@@ -1,0 +1,37 @@
+// The C++ CPU kernels' entry points (batch_norm_cpu.cpp): Python binds them, and the
+// autograd kernel of bnfx::ghost_batch_norm (ghost_autograd_cpu.cpp) calls them directly.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace bnfx_cpu {
+
+// Ghost batch norm on contiguous float/double input [B, C, ...], chunks of chunk_size samples.
+// Returns (out, mean, invstd, unbiased_var), statistics [nchunks, C] in the math type.
+std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, int64_t chunk_size, double eps);
+// Returns (grad_input, sum_dy, sum_dy_xmu), sums [nchunks, C] in the math type.
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                 const at::Tensor& invstd, int64_t chunk_size);
+// Composer's running statistics after the chunks' (mean, unbiased_var) [nchunks, C].
+std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                      const at::Tensor& means, const at::Tensor& unbiased_vars,
+                                      std::optional<double> momentum,
+                                      const std::optional<at::Tensor>& num_batches_tracked);
+
+// bnfx::sync_batch_norm's local work.
+std::vector<at::Tensor> moments(const at::Tensor& input);
+at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
+                     const at::Tensor& shift);
+at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a,
+                       const at::Tensor& k, const at::Tensor& c0, const std::optional<at::Tensor>& mean);
+
+// Whether bnfx::ghost_batch_norm's CPU autograd kernel computes in C++ (off while the ops run
+// their default bodies, device_kernels.default_bodies("cpu")).
+void set_ghost_fast_path(bool enabled);
+
+}  // namespace bnfx_cpu
