@@ -15,7 +15,7 @@ FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-tra
 def kernels(name: str, *isa_flags: str) -> CppExtension:
     return CppExtension(
         f"bnfx.ops.{name}",
-        ["bnfx/ops/csrc/batch_norm_cpu.cpp", "bnfx/ops/csrc/ghost_autograd_cpu.cpp"],
+        [f"bnfx/ops/csrc/{name}.cpp" for name in ("batch_norm_cpu", "ghost_autograd_cpu", "sync_autograd_cpu")],
         extra_compile_args=FLAGS + list(isa_flags),
         extra_link_args=["-fopenmp"],
         optional=True,

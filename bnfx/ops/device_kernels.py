@@ -72,7 +72,7 @@ def default_bodies(device_type: str):
         for op in _registered.get(device_type, {}):
             stack.enter_context(op.set_kernel_enabled(device_type, False))
         if device_type == "cpu" and cpu_extension() is not None:
-            # the C++ autograd kernel of ghost_batch_norm computes in C++ too, unless told not to
-            cpu_extension().set_ghost_fast_path(False)
-            stack.callback(cpu_extension().set_ghost_fast_path, True)
+            # the ops' C++ autograd kernels compute in C++ too, unless told not to
+            cpu_extension().set_fast_path(False)
+            stack.callback(cpu_extension().set_fast_path, True)
         yield

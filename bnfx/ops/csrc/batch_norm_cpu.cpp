@@ -18,6 +18,7 @@
 //   and recovers its lo from the data.
 // Statistics come back in the math type (double for moments).
 
+#include "autograd_fast_path.h"
 #include "batch_norm_cpu.h"
 
 #include <torch/extension.h>
@@ -562,6 +563,10 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
   return {new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
 }
 
+std::atomic<bool> fast_path_enabled{true};
+
+void set_fast_path(bool enabled) { fast_path_enabled.store(enabled, std::memory_order_relaxed); }
+
 }  // namespace bnfx_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -569,8 +574,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace bnfx_cpu;
   m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
   m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
-  m.def("set_ghost_fast_path", &set_ghost_fast_path,
-        "whether bnfx::ghost_batch_norm's CPU autograd kernel computes in C++ where its kernels take the call");
+  m.def("set_fast_path", &set_fast_path,
+        "whether the ops' CPU autograd kernels compute in C++ where the kernels take the call");
   m.def("running_stats", &running_stats, "ghost batch norm's new running mean and variance, in double");
   m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
   m.def("normalize", &normalize, "(x - mean) scale + shift with per-channel coefficients, contiguous CPU input");

@@ -30,8 +30,8 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
 at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a,
                        const at::Tensor& k, const at::Tensor& c0, const std::optional<at::Tensor>& mean);
 
-// Whether bnfx::ghost_batch_norm's CPU autograd kernel computes in C++ (off while the ops run
-// their default bodies, device_kernels.default_bodies("cpu")).
-void set_ghost_fast_path(bool enabled);
+// Whether the ops' CPU autograd kernels compute in C++ where the kernels take the call (off
+// while the ops run their default bodies, device_kernels.default_bodies("cpu")).
+void set_fast_path(bool enabled);
 
 }  // namespace bnfx_cpu

@@ -10,16 +10,14 @@
 // goes below autograd to the op's registered kernels, which do what they did before:
 // check, compute or trace it; its backward calls bnfx::ghost_batch_norm_backward.
 
+#include "autograd_fast_path.h"
 #include "batch_norm_cpu.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 
-#include <atomic>
 #include <tuple>
 
 namespace {
@@ -29,16 +27,7 @@ using OptionalTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::atomic<bool> fast_path_enabled{true};
-
-// A tensor the C++ kernels can read directly: dense, on the CPU, not a subclass or wrapper.
-bool plain_cpu(const Tensor& t) {
-  const auto python = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                           c10::DispatchKey::Functionalize});
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(python);
-}
-
-bool plain_cpu(const OptionalTensor& t) { return !t.has_value() || plain_cpu(*t); }
+using bnfx_cpu::plain_cpu;
 
 // The chunk size when the C++ kernels take the call, else nullopt. The conditions under which
 // the op raises (see _check_args in ghost_batch_norm.py) are left to its Python checks.
@@ -46,15 +35,8 @@ std::optional<int64_t> fast_chunk_size(const Tensor& input, const OptionalTensor
                                        const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                        const OptionalTensor& num_batches_tracked, const c10::SymInt& ghost_batch_size,
                                        std::optional<double> momentum) {
-  if (!fast_path_enabled.load(std::memory_order_relaxed) || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) {
-    return std::nullopt;
-  }
   const auto g = ghost_batch_size.maybe_as_int();
-  if (!g || *g < 1 || !plain_cpu(input) || input.dim() < 2 || !input.is_contiguous() ||
-      (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble)) {
-    return std::nullopt;
-  }
+  if (!bnfx_cpu::no_dispatch_modes() || !g || *g < 1 || !bnfx_cpu::kernel_input(input)) return std::nullopt;
   for (const auto* t : {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
     if (!plain_cpu(*t)) return std::nullopt;
   }
@@ -165,11 +147,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ghost_batch_norm_auto
 }
 
 }  // namespace
-
-namespace bnfx_cpu {
-
-void set_ghost_fast_path(bool enabled) { fast_path_enabled.store(enabled, std::memory_order_relaxed); }
-
-}  // namespace bnfx_cpu
 
 TORCH_LIBRARY_IMPL(bnfx, AutogradCPU, m) { m.impl("ghost_batch_norm", TORCH_FN(ghost_batch_norm_autograd)); }

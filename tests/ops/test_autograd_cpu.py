@@ -1,6 +1,6 @@
-"""bnfx::ghost_batch_norm's C++ autograd kernel for CPU (csrc/ghost_autograd_cpu.cpp): where it
-computes in C++, it gives bit for bit what the op's registered kernels give through the
-dispatcher; everything else reaches those kernels."""
+"""The ops' C++ autograd kernels for CPU (csrc/ghost_autograd_cpu.cpp, sync_autograd_cpu.cpp):
+where they compute in C++, they give bit for bit what the ops' registered kernels give through
+the dispatcher; everything else reaches those kernels."""
 
 import pytest
 import torch
@@ -9,8 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bnfx  # noqa: F401
 from bnfx.ops import device_kernels
 from bnfx.ops.ghost_batch_norm import _forward_views, ghost_batch_norm
+from bnfx.ops.sync_batch_norm import sync_batch_norm
+from world_of_one import world_of_one
 
 op = torch.ops.bnfx.ghost_batch_norm
+sync_op = torch.ops.bnfx.sync_batch_norm
 
 
 class Through(TorchDispatchMode):
@@ -27,12 +30,15 @@ class Through(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def run(x, weight, bias, state, g, momentum, grad):
-    """Forward, backward; everything the caller can observe."""
+def run(x, weight, bias, state, g, momentum, grad, group_name=None):
+    """Forward, backward; everything the caller can observe. ``group_name``: the sync op."""
     x = x.detach().requires_grad_()
     weight = None if weight is None else weight.detach().requires_grad_()
     bias = None if bias is None else bias.detach().requires_grad_()
-    outputs = op(x, weight, bias, *state, g, momentum, 1e-5)
+    if group_name is None:
+        outputs = op(x, weight, bias, *state, g, momentum, 1e-5)
+    else:
+        outputs = sync_op(x, weight, bias, *state, momentum, 1e-5, group_name)
     outputs[0].backward(grad)
     grads = [t.grad for t in (x, weight, bias) if t is not None]
     return [*outputs, *grads]
@@ -65,8 +71,8 @@ def test_cpp_path_equals_the_registered_kernels(shape, g, momentum, affine, trac
     with Through() as mode:
         dispatched = run(x, weight, bias, state(), g, momentum, grad)
     assert mode.seen == [op.default, torch.ops.bnfx.ghost_batch_norm_backward.default]
-    for a, b in zip(direct, dispatched, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(direct, dispatched, strict=True):  # bit for bit (an empty batch's variance is nan)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_inputs_the_cpp_kernels_do_not_take_reach_the_registered_kernels():
@@ -126,3 +132,58 @@ def test_plain_calls_compute_in_cpp_without_the_registered_kernels():
         out = op(x.requires_grad_(), weight, bias, None, None, None, 4, 0.1, 1e-5)[0]
         assert not torch.equal(_forward_views(x.detach(), weight, bias, 4, 1e-5)[0], expected)
     assert torch.equal(out, expected)
+
+
+@pytest.fixture(scope="module")
+def group_name():
+    with world_of_one() as group:
+        yield group.group_name
+
+
+@pytest.mark.parametrize(
+    "shape, momentum, affine, track, dtype",
+    [
+        ((13, 5), 0.1, True, True, torch.float32),
+        ((12, 3, 4, 4), None, True, True, torch.float64),
+        ((9, 4, 3), 0.3, False, True, torch.float32),
+        ((10, 6, 2, 2), 0.1, True, False, torch.float32),
+        ((0, 3, 2, 2), 0.1, True, True, torch.float32),
+    ],
+)
+def test_sync_cpp_path_equals_the_registered_kernels(group_name, shape, momentum, affine, track, dtype):
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, dtype=dtype) * 2 + 5
+    weight = torch.rand(C, dtype=dtype) + 0.5 if affine else None
+    bias = torch.randn(C, dtype=dtype) if affine else None
+    grad = torch.randn(shape, dtype=dtype)
+    initial = (torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5, torch.tensor(3))
+
+    def state():
+        return tuple(t.clone() for t in initial) if track else (None, None, None)
+
+    direct = run(x, weight, bias, state(), None, momentum, grad, group_name)
+    with Through() as mode:
+        dispatched = run(x, weight, bias, state(), None, momentum, grad, group_name)
+    assert mode.seen == [sync_op.default, torch.ops.bnfx.sync_batch_norm_backward.default]
+    for a, b in zip(direct, dispatched, strict=True):  # bit for bit (an empty batch's variance is nan)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sync_plain_calls_compute_in_cpp_without_the_registered_kernels(group_name):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(16, 8) * 3 + 1, torch.rand(8) + 0.5, torch.randn(8)
+    with device_kernels.default_bodies("cpu"):
+        views = sync_op(x, weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
+    registered = sync_op(x, weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
+    with sync_batch_norm.set_kernel_enabled("cpu", False):  # only the C++ autograd kernel gives C++ results
+        direct = sync_op(x.requires_grad_(), weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
+    assert not torch.equal(views, registered) and torch.equal(direct, registered)
+
+
+def test_sync_refused_calls_raise_the_ops_errors(group_name):
+    with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+        sync_op(torch.randn(4, 3, requires_grad=True), None, None, torch.zeros(3), torch.ones(3), None, None, 1e-5,
+                group_name)
+    with pytest.raises(Exception, match="no_such_group"):
+        sync_op(torch.randn(4, 3, requires_grad=True), None, None, None, None, None, 0.1, 1e-5, "no_such_group")
