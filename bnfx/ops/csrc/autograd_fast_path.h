@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <optional>
+#include <vector>
 
 namespace bnfx_cpu {
 
@@ -30,6 +31,30 @@ inline bool plain_cpu(const at::Tensor& t) {
 }
 
 inline bool plain_cpu(const std::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu(*t); }
+
+// The optional arguments every bnfx batch-norm op takes are plain, and the state ones make a
+// call the op accepts (both running statistics or neither; a counter for momentum=None).
+inline bool plain_arguments(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum) {
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
+    if (!plain_cpu(*t)) return false;
+  }
+  return running_mean.has_value() == running_var.has_value() &&
+         !(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value());
+}
+
+// A backward's gradients for the op's 9 inputs: input, then weight and bias where given.
+inline std::vector<at::Tensor> input_gradients(const at::Tensor& grad_input, const at::Tensor& grad_weight,
+                                               const at::Tensor& grad_bias, bool has_weight, bool has_bias) {
+  std::vector<at::Tensor> grads(9);
+  grads[0] = grad_input;
+  if (has_weight) {
+    grads[1] = grad_weight;
+    if (has_bias) grads[2] = grad_bias;
+  }
+  return grads;
+}
 
 // Input the C++ kernels take: plain, contiguous float or double, [B, C, ...].
 inline bool kernel_input(const at::Tensor& input) {

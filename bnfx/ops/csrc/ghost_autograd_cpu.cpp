@@ -2,7 +2,7 @@
 // (AutogradCPU; other devices keep the op's Python autograd).
 //
 // A call pays for itself only on large input: through Python, a forward and its backward cost
-// about ten times what torch's own batch norm does on a small layer. Here one C++ autograd
+// several times what torch's own batch norm does on a small layer. Here one C++ autograd
 // node carries the call, and where the C++ kernels take it (plain contiguous float/double CPU
 // tensors, concrete sizes, no dispatch mode, a valid call) the forward, the running
 // statistics and the backward run in C++ without Python. Every other call (fake tensors,
@@ -37,11 +37,7 @@ std::optional<int64_t> fast_chunk_size(const Tensor& input, const OptionalTensor
                                        std::optional<double> momentum) {
   const auto g = ghost_batch_size.maybe_as_int();
   if (!bnfx_cpu::no_dispatch_modes() || !g || *g < 1 || !bnfx_cpu::kernel_input(input)) return std::nullopt;
-  for (const auto* t : {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
-    if (!plain_cpu(*t)) return std::nullopt;
-  }
-  if (running_mean.has_value() != running_var.has_value() ||
-      (running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value())) {
+  if (!bnfx_cpu::plain_arguments(weight, bias, running_mean, running_var, num_batches_tracked, momentum)) {
     return std::nullopt;
   }
   const int64_t batch = input.size(0), channels = input.size(1);
@@ -107,9 +103,8 @@ class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list input_grads(9);
     const Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return input_grads;  // only the state outputs were used
+    if (!grad_out.defined()) return variable_list(9);  // only the state outputs were used
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &save_mean = saved[2], &save_invstd = saved[3];
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
@@ -128,12 +123,8 @@ class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
           grad_out, input, weight, save_mean, save_invstd, ctx->saved_data["ghost_batch_size"].toSymInt(),
           ctx->saved_data["eps"].toDouble());
     }
-    input_grads[0] = grad_input;
-    if (has_weight) {
-      input_grads[1] = grad_weight;
-      if (ctx->saved_data["has_bias"].toBool()) input_grads[2] = grad_bias;
-    }
-    return input_grads;
+    return bnfx_cpu::input_gradients(grad_input, grad_weight, grad_bias, has_weight,
+                                     ctx->saved_data["has_bias"].toBool());
   }
 };
 

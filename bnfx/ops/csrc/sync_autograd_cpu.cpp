@@ -51,13 +51,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> fast_group(const Tensor& input, const Opt
                                                   const OptionalTensor& num_batches_tracked,
                                                   std::optional<double> momentum, const std::string& group_name) {
   if (!bnfx_cpu::no_dispatch_modes() || !bnfx_cpu::kernel_input(input) || input.size(1) == 0) return {};
-  for (const auto* t : {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
-    if (!plain_cpu(*t)) return {};
-  }
-  if (running_mean.has_value() != running_var.has_value() ||
-      (running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value())) {
-    return {};
-  }
+  if (!bnfx_cpu::plain_arguments(weight, bias, running_mean, running_var, num_batches_tracked, momentum)) return {};
   try {
     return c10d::resolve_process_group(group_name);
   } catch (const c10::Error&) {
@@ -174,9 +168,8 @@ class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list input_grads(9);
     const Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return input_grads;  // only the state outputs were used
+    if (!grad_out.defined()) return variable_list(9);  // only the state outputs were used
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &save_mean = saved[2], &save_var = saved[3], &count = saved[4];
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
@@ -192,12 +185,8 @@ class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
       std::tie(grad_input, grad_weight, grad_bias) = sync_backward_op().typed<SyncBackwardSignature>().call(
           grad_out, input, weight, save_mean, save_var, count, eps, group_name);
     }
-    input_grads[0] = grad_input;
-    if (has_weight) {
-      input_grads[1] = grad_weight;
-      if (ctx->saved_data["has_bias"].toBool()) input_grads[2] = grad_bias;
-    }
-    return input_grads;
+    return bnfx_cpu::input_gradients(grad_input, grad_weight, grad_bias, has_weight,
+                                     ctx->saved_data["has_bias"].toBool());
   }
 };
 
