@@ -27,18 +27,24 @@ def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -
     report = run_passes(gm, options, dry_run=dry_run)
     _fill_fake_values(gm)
     signature = _without_unchanged_buffers(renamed_signature(ep.graph_signature, gm), gm)
-    rewritten = ExportedProgram(
+    return program_like(ep, gm, signature), report
+
+
+def program_like(ep: ExportedProgram, gm: fx.GraphModule, signature: ExportGraphSignature, *,
+                 state_dict: dict | None = None, constants: dict | None = None) -> ExportedProgram:
+    """A new ExportedProgram: ``ep`` with the graph ``gm`` (whose outputs ``signature`` names)
+    and, where given, other state."""
+    return ExportedProgram(
         root=gm,
         graph=gm.graph,
-        graph_signature=signature,
-        state_dict=ep.state_dict,
+        graph_signature=renamed_signature(signature, gm),
+        state_dict=ep.state_dict if state_dict is None else state_dict,
         range_constraints=ep.range_constraints,
         module_call_graph=copy.deepcopy(ep.module_call_graph),
         example_inputs=ep.example_inputs,
-        constants=ep.constants,
+        constants=ep.constants if constants is None else constants,
         verifiers=ep.verifiers,
     )
-    return rewritten, report
 
 
 def _fill_fake_values(gm: fx.GraphModule) -> None:

@@ -13,7 +13,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bnfx.export import renamed_signature
+from bnfx.export import program_like
 from bnfx.passes import Report
 from bnfx.passes.fold import GraphAttributes, bias_name, fold_batch_norm, free_names
 from bnfx.transform import trace
@@ -69,17 +69,7 @@ def _folded_program(ep: ExportedProgram, report: Report) -> ExportedProgram:
     state = ProgramState(ep, gm)
     fold_batch_norm(gm, state, report)
     signature = ExportGraphSignature(input_specs=state.specs, output_specs=ep.graph_signature.output_specs)
-    return ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=renamed_signature(signature, gm),
-        state_dict=state.state_dict,
-        range_constraints=ep.range_constraints,
-        module_call_graph=copy.deepcopy(ep.module_call_graph),
-        example_inputs=ep.example_inputs,
-        constants=state.constants,
-        verifiers=ep.verifiers,
-    )
+    return program_like(ep, gm, signature, state_dict=state.state_dict, constants=state.constants)
 
 
 class ProgramState:

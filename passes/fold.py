@@ -220,28 +220,18 @@ def _op_producer(node: fx.Node, constants: Constants) -> _Producer | str:
         kind = "conv_transpose"
     else:
         kind = "conv"
-    name = module_path(node)
     weight_node, bias_node = arguments["weight"], arguments.get("bias")
-    weight = _sole_constant(constants, weight_node, node)
-    if isinstance(weight, str):
-        return f"{name}'s weight {weight}"
-    bias = None if bias_node is None else _sole_constant(constants, bias_node, node)
-    if isinstance(bias, str):
-        return f"{name}'s bias {bias}"
     bias_position = [a.name for a in op._schema.arguments].index("bias")
 
-    def install(new_weight, new_bias):
-        constants.set(weight_node, new_weight)
-        if bias_node is not None:
-            constants.set(bias_node, new_bias)
-            return
-        new_node = constants.add(new_bias, like=weight_node, before=node)
+    def attach_bias(new_node):
         if bias_position <= len(node.args):
             node.args = (*node.args[:bias_position], new_node, *node.args[bias_position + 1:])
         else:
             node.update_kwarg("bias", new_node)
 
-    return _Producer(node, name, kind, weight, bias, arguments.get("groups", 1), install)
+    return _constant_producer(
+        constants, node, kind, arguments.get("groups", 1), weight_node, node, bias_node, attach_bias
+    )
 
 
 def _matmul_producer(node: fx.Node, constants: Constants) -> _Producer | str:
@@ -259,8 +249,20 @@ def _matmul_producer(node: fx.Node, constants: Constants) -> _Producer | str:
     )
     if not is_transpose or len(transposed.users) > 1:
         return NOT_FOLDABLE_PRODUCER
-    weight_node = transposed.args[0]
-    weight = _sole_constant(constants, weight_node, transposed)
+
+    def attach_bias(new_node):
+        node.target = A.addmm.default
+        node.args = (new_node, x, transposed)
+
+    return _constant_producer(constants, node, "linear", 1, transposed.args[0], transposed, bias_node, attach_bias)
+
+
+def _constant_producer(constants: Constants, node: fx.Node, kind: str, groups: int, weight_node, weight_reader,
+                       bias_node, attach_bias) -> _Producer | str:
+    """A producer whose weight (read by ``weight_reader``) and bias are constants it alone reads;
+    ``attach_bias(new_node)`` makes it read a new bias where it had none."""
+    name = module_path(node)
+    weight = _sole_constant(constants, weight_node, weight_reader)
     if isinstance(weight, str):
         return f"{name}'s weight {weight}"
     bias = None if bias_node is None else _sole_constant(constants, bias_node, node)
@@ -271,12 +273,10 @@ def _matmul_producer(node: fx.Node, constants: Constants) -> _Producer | str:
         constants.set(weight_node, new_weight)
         if bias_node is not None:
             constants.set(bias_node, new_bias)
-            return
-        new_node = constants.add(new_bias, like=weight_node, before=node)
-        node.target = A.addmm.default
-        node.args = (new_node, x, transposed)
+        else:
+            attach_bias(constants.add(new_bias, like=weight_node, before=node))
 
-    return _Producer(node, name, "linear", weight, bias, 1, install)
+    return _Producer(node, name, kind, weight, bias, groups, install)
 
 
 def _sole_constant(constants: Constants, node, reader: fx.Node) -> torch.Tensor | str:

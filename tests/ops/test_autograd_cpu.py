@@ -55,22 +55,29 @@ def run(x, weight, bias, state, g, momentum, grad, group_name=None):
     ],
 )
 def test_cpp_path_equals_the_registered_kernels(shape, g, momentum, affine, track, dtype):
+    assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, g=g)
+
+
+def assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, g=None, group_name=None):
+    """The op called plainly (the C++ path) and under a TorchDispatchMode (the registered
+    kernels): forward, new state and gradients bit for bit."""
     torch.manual_seed(0)
     C = shape[1]
     x = torch.randn(shape, dtype=dtype) * 2 + 5
     weight = torch.rand(C, dtype=dtype) + 0.5 if affine else None
     bias = torch.randn(C, dtype=dtype) if affine else None
     grad = torch.randn(shape, dtype=dtype)
-
     initial = (torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5, torch.tensor(3))
 
     def state():
         return tuple(t.clone() for t in initial) if track else (None, None, None)
 
-    direct = run(x, weight, bias, state(), g, momentum, grad)
+    direct = run(x, weight, bias, state(), g, momentum, grad, group_name)
     with Through() as mode:
-        dispatched = run(x, weight, bias, state(), g, momentum, grad)
-    assert mode.seen == [op.default, torch.ops.bnfx.ghost_batch_norm_backward.default]
+        dispatched = run(x, weight, bias, state(), g, momentum, grad, group_name)
+    called = sync_op if group_name else op
+    backward = torch.ops.bnfx.sync_batch_norm_backward if group_name else torch.ops.bnfx.ghost_batch_norm_backward
+    assert mode.seen == [called.default, backward.default]
     for a, b in zip(direct, dispatched, strict=True):  # bit for bit (an empty batch's variance is nan)
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -151,23 +158,7 @@ def group_name():
     ],
 )
 def test_sync_cpp_path_equals_the_registered_kernels(group_name, shape, momentum, affine, track, dtype):
-    torch.manual_seed(0)
-    C = shape[1]
-    x = torch.randn(shape, dtype=dtype) * 2 + 5
-    weight = torch.rand(C, dtype=dtype) + 0.5 if affine else None
-    bias = torch.randn(C, dtype=dtype) if affine else None
-    grad = torch.randn(shape, dtype=dtype)
-    initial = (torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5, torch.tensor(3))
-
-    def state():
-        return tuple(t.clone() for t in initial) if track else (None, None, None)
-
-    direct = run(x, weight, bias, state(), None, momentum, grad, group_name)
-    with Through() as mode:
-        dispatched = run(x, weight, bias, state(), None, momentum, grad, group_name)
-    assert mode.seen == [sync_op.default, torch.ops.bnfx.sync_batch_norm_backward.default]
-    for a, b in zip(direct, dispatched, strict=True):  # bit for bit (an empty batch's variance is nan)
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, group_name=group_name)
 
 
 def test_sync_plain_calls_compute_in_cpp_without_the_registered_kernels(group_name):

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
@@ -42,6 +43,22 @@ inline bool plain_arguments(const std::optional<at::Tensor>& weight, const std::
   }
   return running_mean.has_value() == running_var.has_value() &&
          !(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value());
+}
+
+// What a forward keeps for its backward: every output but the first is state or statistics,
+// not differentiable (and gets no zero gradient); saved are the input, the weight and the
+// outputs from ``first_saved`` on.
+inline void keep_for_backward(torch::autograd::AutogradContext* ctx, const std::vector<at::Tensor>& outputs,
+                              size_t first_saved, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps) {
+  ctx->mark_non_differentiable(std::vector<at::Tensor>(outputs.begin() + 1, outputs.end()));
+  ctx->set_materialize_grads(false);
+  std::vector<at::Tensor> saved{input, weight.value_or(at::Tensor())};
+  saved.insert(saved.end(), outputs.begin() + first_saved, outputs.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_weight"] = weight.has_value();
+  ctx->saved_data["has_bias"] = bias.has_value();
 }
 
 // A backward's gradients for the op's 9 inputs: input, then weight and bias where given.

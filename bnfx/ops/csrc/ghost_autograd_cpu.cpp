@@ -91,14 +91,9 @@ class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
                                                        num_batches_tracked, ghost_batch_size, momentum, eps);
       outputs = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
     }
-    ctx->mark_non_differentiable({outputs[1], outputs[2], outputs[3], outputs[4], outputs[5]});
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), outputs[4], outputs[5]});
+    bnfx_cpu::keep_for_backward(ctx, outputs, 4, input, weight, bias, eps);  // saves mean, invstd
     ctx->saved_data["chunk_size"] = chunk_size ? *chunk_size : int64_t(-1);
     ctx->saved_data["ghost_batch_size"] = ghost_batch_size;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
     return outputs;
   }
 

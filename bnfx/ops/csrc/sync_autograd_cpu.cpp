@@ -156,14 +156,9 @@ class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
       outputs = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
                  std::get<4>(r), std::get<5>(r), std::get<6>(r)};
     }
-    ctx->mark_non_differentiable({outputs[1], outputs[2], outputs[3], outputs[4], outputs[5], outputs[6]});
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), outputs[4], outputs[5], outputs[6]});
+    bnfx_cpu::keep_for_backward(ctx, outputs, 4, input, weight, bias, eps);  // saves mean, var, count
     ctx->saved_data["in_cpp"] = bool(group);
-    ctx->saved_data["eps"] = eps;
     ctx->saved_data["group_name"] = group_name;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
     return outputs;
   }
 
