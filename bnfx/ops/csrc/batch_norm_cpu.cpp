@@ -115,6 +115,28 @@ void add_shifted_columns(double* __restrict s1, double* __restrict s2, const T* 
   }
 }
 
+// A (chunk, channel block)'s statistics and normalization coefficients from its shifted sums,
+// as stats_of and Center compute them, over restrict arrays: [B, C] input with small chunks has
+// as many statistics as values, and this loop vectorizes only written this way.
+template <typename T, typename A>
+void block_coefficients(int64_t nc, double inv_n, double unbiased, double eps, const T* __restrict p,
+                        const double* __restrict s1, const double* __restrict s2, const T* __restrict w,
+                        const T* __restrict b, A* __restrict mean, A* __restrict invstd, A* __restrict var,
+                        T* __restrict hi, A* __restrict scale, A* __restrict shift) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const double offset = s1[c] * inv_n, m = double(p[c]) + offset;
+    const double v = std::max(s2[c] * inv_n - offset * offset, 0.0);
+    const T h = T(m);
+    const double is = 1.0 / std::sqrt(v + eps), ws = w ? is * double(w[c]) : is;
+    mean[c] = m;
+    invstd[c] = is;
+    var[c] = v * unbiased;
+    hi[c] = h;
+    scale[c] = ws;
+    shift[c] = (b ? double(b[c]) : 0.0) - (m - double(h)) * ws;
+  }
+}
+
 template <typename T, typename A>
 void normalize_row(T* __restrict out, const T* __restrict x, const T* __restrict hi, const A* __restrict scale,
                    const A* __restrict shift, int64_t n) {
@@ -203,17 +225,8 @@ void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double ep
       for_row_groups<8>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
         add_shifted_columns<decltype(k)::value>(s1, s2, xb + r * C, C, p, nc);
       });
-      for (int64_t c = 0; c < nc; ++c) {
-        const Stats s = stats_of(inv_n, p[c], s1[c], s2[c]);
-        const Center<T> center(s.mean);
-        const double is = 1.0 / std::sqrt(s.var + eps), ws = is * (w ? double(w[c0 + c]) : 1.0);
-        mean[j * C + c0 + c] = s.mean;
-        invstd[j * C + c0 + c] = is;
-        var[j * C + c0 + c] = s.var * unbiased;
-        hi[c] = center.hi;
-        scale[c] = ws;
-        shift[c] = (b ? double(b[c0 + c]) : 0.0) - center.lo * ws;
-      }
+      block_coefficients(nc, inv_n, unbiased, eps, p, s1, s2, w ? w + c0 : nullptr, b ? b + c0 : nullptr,
+                         mean + j * C + c0, invstd + j * C + c0, var + j * C + c0, hi, scale, shift);
       for (int64_t r = l.begin(j); r < l.end(j); ++r) normalize_row(out + c0 + r * C, xb + r * C, hi, scale, shift, nc);
     }
   });
