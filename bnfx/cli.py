@@ -106,8 +106,9 @@ def _check_fold_arguments(args) -> None:
         return
     if not args.eval and not args.model.endswith(".pt2"):
         raise UsageError("bnfx: --fold needs --eval: folding bakes the running statistics into the weights")
-    if _given_options(args):
-        raise UsageError(f"bnfx: --fold folds eval batch norm; {_given_options(args)} does not apply to it")
+    given = _given_options(args)
+    if given:
+        raise UsageError(f"bnfx: --fold folds eval batch norm; {given} does not apply to it")
 
 
 def _given_options(args) -> str:

@@ -15,7 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bnfx.export import program_like
 from bnfx.passes import Report
-from bnfx.passes.fold import GraphAttributes, bias_name, fold_batch_norm, free_names
+from bnfx.passes.fold import GraphAttributes, bias_name, fold_batch_norm, free_names, same_kind
 from bnfx.transform import trace
 
 _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -102,10 +102,7 @@ class ProgramState:
     def set(self, node: fx.Node, tensor: torch.Tensor) -> None:
         spec = self._spec(node)
         store = self._store(spec)
-        old = store[spec.target]
-        if isinstance(old, nn.Parameter):
-            tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        store[spec.target] = tensor
+        store[spec.target] = same_kind(tensor, store[spec.target])
 
     def add(self, tensor: torch.Tensor, like: fx.Node, before: fx.Node) -> fx.Node:
         """A placeholder of ``like``'s kind, after the last one of that kind (specs keep graph order)."""
@@ -120,10 +117,7 @@ class ProgramState:
         node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
         spec = dataclasses.replace(like_spec, arg=TensorArgument(name=node.name), target=target)
         self.specs.insert(position + 1, spec)
-        old = self.value(like)
-        if isinstance(old, nn.Parameter):
-            tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        self._store(spec)[target] = tensor
+        self._store(spec)[target] = same_kind(tensor, self.value(like))
         return node
 
     def remove_unused(self, node: fx.Node) -> None:

@@ -187,10 +187,11 @@ def _producer(gm: fx.GraphModule, site: BatchNormSite, constants: Constants) -> 
         return found
     if len(node.users) > 1:
         return f"{found.name}'s output has {len(node.users)} users, each would read the folded output"
-    if found.kind == "linear" and _rank(node) != 2:
-        rank = _rank(node)
-        return (f"{found.name} makes a {rank}-d output: batch norm's channels are not its features"
-                if rank else f"{found.name}'s output rank is unknown: pass example_inputs")
+    rank = _rank(node) if found.kind == "linear" else 2
+    if rank is None:
+        return f"{found.name}'s output rank is unknown: pass example_inputs"
+    if rank != 2:
+        return f"{found.name} makes a {rank}-d output: batch norm's channels are not its features"
     return found
 
 
@@ -203,8 +204,8 @@ def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | str:
         return f"{node.target} is called or read elsewhere in the graph"
 
     def install(weight, bias):
-        module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
-        module.bias = nn.Parameter(bias, requires_grad=module.weight.requires_grad)
+        module.bias = same_kind(bias, module.weight)
+        module.weight = same_kind(weight, module.weight)
 
     return _Producer(node, node.target, kind, module.weight, module.bias, getattr(module, "groups", 1), install)
 
@@ -325,20 +326,17 @@ class GraphAttributes:
     def set(self, node: fx.Node, tensor: torch.Tensor) -> None:
         owner_path, _, name = node.target.rpartition(".")
         owner = self.gm.get_submodule(owner_path)
-        old = getattr(owner, name)
-        if isinstance(old, nn.Parameter):
-            tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        setattr(owner, name, tensor)
+        setattr(owner, name, same_kind(tensor, getattr(owner, name)))
 
     def add(self, tensor: torch.Tensor, like: fx.Node, before: fx.Node) -> fx.Node:
         owner_path, _, name = like.target.rpartition(".")
         owner = self.gm.get_submodule(owner_path)
         name = next(n for n in free_names(bias_name(name)) if not hasattr(owner, n))
-        like_value = self.value(like)
-        if isinstance(like_value, nn.Parameter):
-            owner.register_parameter(name, nn.Parameter(tensor, requires_grad=like_value.requires_grad))
+        value = same_kind(tensor, self.value(like))
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(name, value)
         else:
-            owner.register_buffer(name, tensor)
+            owner.register_buffer(name, value)
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
 
@@ -349,6 +347,13 @@ class GraphAttributes:
         if _reads_of(self.gm, node.target) == 0:
             owner_path, _, name = node.target.rpartition(".")
             delattr(self.gm.get_submodule(owner_path), name)
+
+
+def same_kind(tensor: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """``tensor`` as a Parameter where ``old`` is one (requiring grad as it did), else as it is."""
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(tensor, requires_grad=old.requires_grad)
+    return tensor
 
 
 def bias_name(weight_name: str) -> str:

@@ -112,12 +112,14 @@ def _cat(per_segment: list[Tensor]) -> Tensor:
     return per_segment[0] if len(per_segment) == 1 else torch.cat(per_segment)
 
 
-def _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum):
-    """``(new_running_mean, new_running_var, new_num_batches_tracked)``, empty where None."""
+def _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum,
+               running_stats=None):
+    """``(new_running_mean, new_running_var, new_num_batches_tracked)``, empty where None;
+    ``running_stats``: what computes the first two (default ``_new_running_stats``)."""
     if running_mean is None:
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     else:
-        new_mean, new_var = _new_running_stats(
+        new_mean, new_var = (running_stats or _new_running_stats)(
             running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum
         )
     new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
@@ -209,15 +211,11 @@ def _forward_triton(input, weight, bias, ghost_batch_size, eps):
     return out, mean.float(), invstd, (m2 / (counts - 1)).float()
 
 
-def _new_state_cpu(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum):
-    """``_new_state`` with the running statistics from the C++ extension (one call, not a dozen ops)."""
-    if running_mean is None:
-        return _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum)
-    new_mean, new_var = device_kernels.cpu_extension().running_stats(
-        running_mean, running_var, save_mean, unbiased_vars, momentum, num_batches_tracked
+def _running_stats_cpu(running_mean, running_var, num_batches_tracked, means, unbiased_vars, momentum):
+    """``_new_running_stats`` in one C++ call (in float64), not a dozen small ops."""
+    return device_kernels.cpu_extension().running_stats(
+        running_mean, running_var, means, unbiased_vars, momentum, num_batches_tracked
     )
-    new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
-    return new_mean, new_var, new_tracked
 
 
 def _ghost_batch_norm(forward, new_state, input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -348,6 +346,7 @@ contract.register_autograd(ghost_batch_norm, torch.ops.bnfx.ghost_batch_norm_bac
 
 # Device kernels: the same op around each device's forward and backward.
 if device_kernels.cpu_extension() is not None:
+    _new_state_cpu = functools.partial(_new_state, running_stats=_running_stats_cpu)
     device_kernels.register(ghost_batch_norm, "cpu", functools.partial(_ghost_batch_norm, _forward_cpu, _new_state_cpu))
     device_kernels.register(
         ghost_batch_norm_backward, "cpu", functools.partial(_ghost_batch_norm_backward, _backward_cpu)
