@@ -13,6 +13,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind, TensorArgument
 
 from bnfx.passes import Report, run_passes
+from bnfx.passes.subgraphs import graph_modules
 
 
 def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -> tuple[ExportedProgram, Report]:
@@ -48,8 +49,10 @@ def program_like(ep: ExportedProgram, gm: fx.GraphModule, signature: ExportGraph
 
 
 def _fill_fake_values(gm: fx.GraphModule) -> None:
-    """``meta["val"]`` for the nodes the passes added, from the ops' fake kernels."""
-    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
+    """``meta["val"]`` for the nodes the passes added (in ``gm`` and the graphs nested in it),
+    from the ops' fake kernels."""
+    nodes = [node for graph in graph_modules(gm) for node in graph.graph.nodes]
+    fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if "val" in n.meta])
 
     def value(arg):
         return arg.meta["val"] if isinstance(arg, fx.Node) else arg
@@ -60,7 +63,7 @@ def _fill_fake_values(gm: fx.GraphModule) -> None:
     shape_env = fake_mode.shape_env
     no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
     with fake_mode, no_guards:
-        for node in gm.graph.nodes:
+        for node in nodes:
             if node.op != "call_function" or "val" in node.meta:
                 continue
             args = fx.node.map_arg(node.args, value)

@@ -13,6 +13,7 @@ from bnfx.export import transform_exported
 from bnfx.messages import first_line
 from bnfx.options import resolve_options
 from bnfx.passes import Report, run_passes
+from bnfx.passes.subgraphs import nested_graph_module as nested_graph_modules_of
 
 
 def _graph_module(model) -> fx.GraphModule:
@@ -54,12 +55,28 @@ def _rewritten_copy(model, options: dict, *, dry_run: bool = False):
     opts = resolve_options(options)
     if isinstance(model, torch.export.ExportedProgram):
         return transform_exported(model, opts, dry_run=dry_run)
-    gm = _graph_module(model)
-    # A new graph over the same submodules: the input graph is untouched, while parameters
-    # and buffers stay shared, so training the result updates the user's model.
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new = graph_copy(_graph_module(model))
     report = run_passes(new, opts, dry_run=dry_run)
     return new, report
+
+
+def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """New graphs over the same submodules: ``gm``'s graph and those nested in it are untouched,
+    while parameters and buffers stay shared, so training the result updates the user's model."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copies = {}
+    for node in new.graph.nodes:
+        if node.target not in copies and nested_graph_modules_of(new, node) is not None:
+            copies[node.target] = graph_copy(nested_graph_modules_of(new, node))
+    for target, nested in copies.items():
+        # a top-level name of its own: a dotted target's parent may be the user's module
+        name = target if "." not in target else f"{target.replace('.', '_')}_graph"
+        new.add_submodule(name, nested)
+        for node in new.graph.nodes:
+            if node.op in ("get_attr", "call_module") and node.target == target:
+                node.target = name
+    new.recompile()
+    return new
 
 
 def transform(model, **options):

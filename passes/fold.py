@@ -59,7 +59,7 @@ class _Producer:
 
 def fold_batch_norm(gm: fx.GraphModule, constants: Constants, report: Report) -> fx.GraphModule:
     """Fold every eval batch-norm site of ``gm`` whose producer qualifies; record every site."""
-    for site in find_sites(gm):
+    for site in find_sites(gm, nested=False):
         producer = _producer(gm, site, constants)
         if isinstance(producer, str):
             report.left_alone(site, producer)

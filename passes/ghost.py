@@ -9,6 +9,7 @@ from bnfx.functional import ghost_batch_norm_module, ghost_own_forward
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import replace_functional_site, replace_module_site, unsupported
 from bnfx.passes.sites import match_site
+from bnfx.passes.subgraphs import graph_modules, recompile
 
 
 def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
@@ -17,20 +18,21 @@ def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool 
     ``dry_run`` changes nothing here: a ghost rewrite has no side effect outside the graph.
     """
     size = options.ghost_batch_size
+    graphs = graph_modules(gm)
     # Sites are matched one at a time: a rewrite changes the arguments of later sites.
-    sites = (match_site(gm, node) for node in list(gm.graph.nodes))
+    sites = (match_site(graph, node) for graph in graphs for node in list(graph.graph.nodes))
     for index, site in enumerate(site for site in sites if site is not None):
         reason = unsupported(site)
         if reason:
             report.left_alone(site, reason)
             continue
         name = f"ghost_bn_{index}"
+        graph = site.node.graph.owning_module
         if site.form == "call_module":
-            replace_module_site(gm, site, (ghost_batch_norm_module, ghost_own_forward), (size,), name)
+            replace_module_site(graph, site, (ghost_batch_norm_module, ghost_own_forward), (size,), name)
         else:
             op = torch.ops.bnfx.ghost_batch_norm.default
-            replace_functional_site(gm, site, op, (size, site.momentum, site.eps), name)
+            replace_functional_site(graph, site, op, (size, site.momentum, site.eps), name)
         report.rewritten(site, "ghost", f"ghost_batch_size={size}")
-    gm.graph.lint()
-    gm.recompile()
+    recompile(graphs)
     return gm

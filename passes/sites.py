@@ -14,6 +14,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.module_batch_norm)
+from bnfx.passes.subgraphs import graph_modules
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,11 @@ class BatchNormSite:
     group_name: str | None = None  # bnfx.module_batch_norm: the process group its module names
 
 
-def find_sites(gm: fx.GraphModule) -> list[BatchNormSite]:
-    """Every batch-norm call of ``gm``, in graph order."""
-    return [site for node in gm.graph.nodes if (site := match_site(gm, node)) is not None]
+def find_sites(gm: fx.GraphModule, *, nested: bool = True) -> list[BatchNormSite]:
+    """Every batch-norm call of ``gm``, in graph order, then those of the graphs nested in it
+    (higher-order ops' subgraphs, GraphModule submodules); ``nested=False``: ``gm``'s own."""
+    graphs = graph_modules(gm) if nested else [gm]
+    return [site for graph in graphs for node in graph.graph.nodes if (site := match_site(graph, node)) is not None]
 
 
 def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:

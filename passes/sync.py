@@ -10,6 +10,7 @@ from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import reads_saved_statistics, replace_functional_site, replace_module_site, unsupported
 from bnfx.passes.sites import find_sites, match_site
+from bnfx.passes.subgraphs import graph_modules, recompile
 from bnfx.process_groups import sync_group
 
 
@@ -18,9 +19,10 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
 
     ``dry_run`` (``bnfx.explain``) creates no communicator: the graph names none that runs.
     """
+    graphs = graph_modules(gm)
     nodes, frozen, synced = [], 0, 0
     for site in find_sites(gm):
-        nodes.append(site.node)
+        nodes.append((site.node.graph.owning_module, site.node))
         freezes = _freezes(site, options)
         frozen += freezes
         synced += not freezes and unsupported(site) is None
@@ -36,9 +38,10 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
 
     group_of(None)  # the options' group: created (and the ranks' plans compared) first
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
-    for index, site in enumerate(match_site(gm, node) for node in nodes):
+    for index, site in enumerate(match_site(graph, node) for graph, node in nodes):
+        graph = site.node.graph.owning_module
         if _freezes(site, options):
-            freeze_site(gm, site, f"frozen_bn_{index}")
+            freeze_site(graph, site, f"frozen_bn_{index}")
             report.rewritten(site, "frozen", "running statistics, no update, no weight/bias gradient")
             continue
         group, fallback = group_of(site)
@@ -48,13 +51,12 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
             continue
         name = f"sync_bn_{index}"
         if site.form == "call_module":
-            replace_module_site(gm, site, (sync_batch_norm_module, sync_own_forward), (group.name,), name)
+            replace_module_site(graph, site, (sync_batch_norm_module, sync_own_forward), (group.name,), name)
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
-            replace_functional_site(gm, site, op, (site.momentum, site.eps, group.name), name)
+            replace_functional_site(graph, site, op, (site.momentum, site.eps, group.name), name)
         report.rewritten(site, "sync", f"over {group.size} ranks")
-    gm.graph.lint()
-    gm.recompile()
+    recompile(graphs)
     return gm
 
 

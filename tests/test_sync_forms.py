@@ -7,7 +7,7 @@ import sync_workers
 from gloo_world import run_world
 
 # sites in each form: Sequential 2, user-defined class 3, torchvision resnet18 20
-SITES = {"sequential": 2, "user": 3, "torchvision": 20}
+SITES = {"sequential": 2, "user": 3, "torchvision": 20, "checkpointed": 3, "checkpointed-reentrant": 3}
 
 
 @pytest.mark.parametrize("form", list(SITES))
@@ -20,6 +20,12 @@ def test_the_readme_form_with_the_default_inner_compiler():
     # README: compiled = torch.compile(DDP(model), backend="bnfx", options={"sync": True})
     for rewritten in run_world(sync_workers.compiled_ddp_forms, 2, "sequential", "inductor", timeout=600):
         assert rewritten == SITES["sequential"]
+
+
+def test_checkpointed_blocks_with_inductor():
+    # the checkpointed regions are recomputed in inductor's backward, collectives included
+    for rewritten in run_world(sync_workers.compiled_ddp_forms, 2, "checkpointed", "inductor", timeout=600):
+        assert rewritten == SITES["checkpointed"]
 
 
 def test_ddp_over_a_transformed_sequential():
