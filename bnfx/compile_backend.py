@@ -21,15 +21,20 @@ graph_reports: list[Report] = []
 
 
 def backend(**options) -> Callable:
-    """A torch.compile backend with the given options, checked now.
+    """A torch.compile backend with the given options, checked now; ``mode`` is inductor's
+    (torch.compile's ``mode``, given here or to torch.compile).
 
-    >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, inner="aot_eager"))
+    >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, mode="max-autotune"))
     """
-    opts = resolve_options(options, backend=True)
+    resolve_options(options, backend=True)
     frame_watch.watch()
+    chosen = dict(options)
 
     @frame_watch.mark_bnfx_backend
-    def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any]):
+    def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
+                     mode: str | None = None):
+        # torch.compile(..., mode=...) or (..., options=...) passes its own: the same vocabulary
+        opts = resolve_options(_with_mode({**chosen, **(options or {})}, mode), backend=True)
         return _compile(gm, example_inputs, opts)
 
     return bnfx_compile
@@ -37,12 +42,18 @@ def backend(**options) -> Callable:
 
 @frame_watch.mark_bnfx_backend
 def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
-    """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``."""
-    opts = resolve_options(dict(options or {}), backend=True)
-    return _compile(gm, example_inputs, opts, mode)
+    """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``
+    (a ``mode`` goes in the options: torch.compile refuses both)."""
+    return _compile(gm, example_inputs, resolve_options(_with_mode(dict(options or {}), mode), backend=True))
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode: str | None = None):
+def _with_mode(options: dict, mode: str | None) -> dict:
+    if mode is not None and options.get("mode", mode) != mode:
+        raise ValueError(f"mode given twice: mode={mode!r} and options mode={options['mode']!r}")
+    return options if mode is None else {**options, "mode": mode}
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options):
     frame_watch.watch()
     report = run_passes(gm, opts)
     graph_reports.append(report)
@@ -50,7 +61,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, mode:
         "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s)",
         next(_graph_ids), report.found, report.rewritten_count, opts.describe(),
     )
-    return _inner_compile(opts.inner, gm, example_inputs, mode)
+    return _inner_compile(opts.inner, gm, example_inputs, opts.compile_mode)
 
 
 def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: str | None):
@@ -72,6 +83,6 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
     # serve code compiled without these decompositions (or an older bnfx's): it stays off for
     # bnfx graphs. Inductor's own cache keys on the decomposed graph and stays on.
     decompositions = {**select_decomp_table(), **DECOMPOSITIONS}
-    patches = torch._inductor.list_mode_options(mode) if mode else None
+    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)

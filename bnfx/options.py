@@ -9,8 +9,10 @@ import torch.distributed as dist
 
 DEFAULT_GHOST_BATCH_SIZE = 32  # Composer's default
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+# torch.compile's modes (``torch._inductor.list_mode_options``): inductor's alone
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPH_OPTIONS = ("ghost_batch_size", "sync", "group_size", "freeze")
-_BACKEND_OPTIONS = _GRAPH_OPTIONS + ("inner",)
+_BACKEND_OPTIONS = _GRAPH_OPTIONS + ("inner", "mode")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Options:
     group_size: int | None = None
     freeze: bool = False
     inner: str | Callable = "inductor"
+    compile_mode: str | None = None  # the ``mode`` option: torch.compile's mode, for inductor
 
     def describe(self) -> str:
         if self.mode == "ghost":
@@ -48,6 +51,7 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
     group_size = options.get("group_size")
     freeze = options.get("freeze", False)
     inner = options.get("inner", "inductor")
+    compile_mode = options.get("mode")
 
     if ghost is not None and (isinstance(ghost, bool) or not isinstance(ghost, int) or ghost < 1):
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost!r}")
@@ -59,6 +63,10 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
         raise TypeError(f"freeze must be a bool, got {freeze!r}")
     if not (callable(inner) or inner in INNER_COMPILERS):
         raise ValueError(f"inner must be one of {', '.join(INNER_COMPILERS)} or a callable, got {inner!r}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if compile_mode not in (None, "default") and inner != "inductor":
+        raise ValueError(f"mode={compile_mode!r} is inductor's; it does not apply to inner={inner!r}")
     if ghost is not None and sync not in (None, False):
         raise ValueError(
             f"ghost_batch_size and sync are exclusive, got ghost_batch_size={ghost!r} and sync={sync!r}; give one"
@@ -75,8 +83,10 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
             raise ValueError(f"group_size applies to sync mode only, got group_size={group_size!r} in ghost mode")
         if freeze:
             raise ValueError("freeze applies to sync mode only, got freeze=True in ghost mode")
-        return Options("ghost", ghost_batch_size=ghost or DEFAULT_GHOST_BATCH_SIZE, inner=inner)
-    return Options("sync", sync=True if sync is None else sync, group_size=group_size, freeze=freeze, inner=inner)
+        return Options("ghost", ghost_batch_size=ghost or DEFAULT_GHOST_BATCH_SIZE, inner=inner,
+                       compile_mode=compile_mode)
+    return Options("sync", sync=True if sync is None else sync, group_size=group_size, freeze=freeze, inner=inner,
+                   compile_mode=compile_mode)
 
 
 def _not_a_member(sync) -> bool:

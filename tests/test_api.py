@@ -101,3 +101,33 @@ def test_compile_door_reports_bad_options_and_changes_nothing():
         compiled(torch.randn(6, 3))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"mode": "fast"}, "mode must be one of default, reduce-overhead, max-autotune"),
+        ({"mode": "max-autotune", "inner": "aot_eager"}, "mode='max-autotune' is inductor's"),
+    ],
+)
+def test_bad_modes_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        bnfx.backend(**options)
+
+
+def test_a_mode_with_options_in_one_call():
+    from bnfx.chunk_loop import chunk_loop_model
+
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    reference = chunk_loop_model(model, 4)
+    x = torch.randn(8, 4)
+    # torch.compile's mode beside a bnfx.backend's options, and both in the options of "bnfx"
+    by_torch = torch.compile(model, backend=bnfx.backend(ghost_batch_size=4), mode="max-autotune-no-cudagraphs")
+    torch.testing.assert_close(by_torch(x), reference(x))
+    assert model[0].num_batches_tracked.item() == 2
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="mode given twice"):
+        torch.compile(model, backend=bnfx.backend(ghost_batch_size=4, mode="max-autotune"), mode="reduce-overhead")(x)
+    torch._dynamo.reset()
+    options = {"ghost_batch_size": 4, "mode": "max-autotune-no-cudagraphs"}
+    torch.testing.assert_close(torch.compile(model, backend="bnfx", options=options)(x), reference(x))
