@@ -157,3 +157,47 @@ def nccl_sync_matches_one_process(rank: int, world_size: int, sizes) -> None:
     weight_grad = model[0].weight.grad.clone()
     dist.all_reduce(weight_grad, group=group)  # data parallelism sums the ranks' shares
     torch.testing.assert_close(weight_grad.cpu(), reference.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def low_precision_errors(rank: int, world_size: int, dtype, sizes) -> dict[str, dict[str, float]]:
+    """Errors against float64 of each sync kernel and of torch's batch norm (its mixed-dtype
+    kernel) on the concatenated ``dtype`` batch with float32 parameters: output and input
+    gradient (max abs over this rank's rows), running variance (max relative, momentum 1)."""
+    generator = torch.Generator().manual_seed(12)
+    channels = 4
+    x_all = (torch.randn(sum(sizes), channels, 5, 5, generator=generator) * 3 + 2).to(dtype)
+    dy_all = torch.randn(x_all.shape, generator=generator).to(dtype)
+    weight, bias = torch.rand(channels, generator=generator) + 0.5, torch.randn(channels, generator=generator)
+    rows = _share(torch.arange(sum(sizes)), sizes, rank)
+
+    def reference(x, params_dtype):
+        x = x.clone().requires_grad_()
+        running_var = torch.zeros(channels, dtype=params_dtype)
+        out = F.batch_norm(x, torch.zeros_like(running_var), running_var, weight.to(params_dtype),
+                           bias.to(params_dtype), training=True, momentum=1.0, eps=1e-5)
+        (grad,) = torch.autograd.grad(out, x, dy_all.to(x.dtype))
+        return out.detach()[rows], grad[rows], running_var
+
+    exact_out, exact_grad, exact_var = reference(x_all.double(), torch.float64)
+
+    def errors(out, grad, running_var):
+        return {
+            "output": (out.double() - exact_out).abs().max().item(),
+            "grad": (grad.double() - exact_grad).abs().max().item(),
+            "running_var": ((running_var.double() - exact_var).abs() / exact_var).max().item(),
+        }
+
+    theirs = errors(*reference(x_all, torch.float32))
+    result = {"torch": theirs, "bounds": {
+        "output": low_precision_bound(dtype, theirs["output"], exact_out),
+        "grad": low_precision_bound(dtype, theirs["grad"], exact_grad),
+    }}
+    x, dy = x_all[rows], dy_all[rows]
+    group = dist.group.WORLD.group_name
+    for kernel in KERNELS:
+        zeros = torch.zeros(channels)
+        out, _, running_var, _, *saved = _run(kernel, "forward", x, weight, bias, zeros, zeros.clone(), None, 1.0,
+                                              1e-5, group)
+        grad, *_ = _run(kernel, "backward", dy, x, weight, *saved, 1e-5, group)
+        result[kernel] = errors(out, grad, running_var)
+    return result

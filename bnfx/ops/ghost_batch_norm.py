@@ -158,11 +158,13 @@ def _forward_views(input, weight, bias, ghost_batch_size, eps):
     dtype = contract.stat_dtype(input)
     out = torch.empty_like(input)
     means, invstds, unbiased_vars = [], [], []
-    for x, y in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
+    for x, result in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
         size = _values_per_channel(x)
-        # Center on an estimate, then take the statistics of the centered values: a mean
-        # rounded to the input dtype is only a shift here, never the mean itself.
-        estimate = _chunk_sums(x, dtype).div_(size).to(input.dtype)  # [chunks, C]
+        # y: the centred values, then the output, in the statistics dtype; reduced-precision
+        # input gets a float32 scratch, so that nothing is rounded to its dtype before the end
+        y = result if input.dtype == dtype else torch.empty_like(x, dtype=dtype)
+        # Center on an estimate, then take the statistics of the centered values
+        estimate = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
         torch.sub(x, _broadcast(estimate, x), out=y)  # y holds x - estimate for now
         offset = _chunk_sums(y, dtype).div_(size)  # [chunks, C], the mean of x - estimate
         biased_var = (_chunk_squares(y, dtype).div_(size) - offset.square()).clamp_(min=0)
@@ -173,7 +175,9 @@ def _forward_views(input, weight, bias, ghost_batch_size, eps):
         if bias is not None:
             shift = shift + bias.to(dtype)
         torch.addcmul(_broadcast(shift, x), y, _broadcast(scale, x), out=y)
-        means.append(estimate.to(dtype) + offset)
+        if y is not result:
+            result.copy_(y)  # rounded once
+        means.append(estimate + offset)
         invstds.append(invstd)
         unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
     return out, _cat(means), _cat(invstds), _cat(unbiased_vars)
@@ -273,10 +277,12 @@ def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch
     grad_input = torch.empty_like(input)
     start, sums_dy, sums_dy_xmu = 0, [], []
     segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
-    for dy, x, dx in segments:  # 1 or 2 views
+    for dy, x, result in segments:  # 1 or 2 views
         chunks, size = x.shape[0], _values_per_channel(x)
         mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
         start += chunks
+        # dx in the statistics dtype (a float32 scratch for reduced-precision input), rounded once
+        dx = result if input.dtype == dtype and grad_out.dtype == dtype else torch.empty_like(x, dtype=dtype)
         sum_dy = _chunk_sums(dy, dtype)  # [chunks, C]
         torch.sub(x, _broadcast(mean, x), out=dx).mul_(dy)  # scratch: dy * (x - mean)
         sum_dy_xmu = _chunk_sums(dx, dtype)
@@ -287,6 +293,8 @@ def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch
         c = torch.addcmul(b * mean, a, sum_dy, value=1.0 / size).neg_()
         torch.addcmul(_broadcast(c, x), x, _broadcast(b, x), out=dx)
         dx.addcmul_(dy, _broadcast(a, x))
+        if dx is not result:
+            result.copy_(dx)
         sums_dy.append(sum_dy)
         sums_dy_xmu.append(sum_dy_xmu)
     return grad_input, _cat(sums_dy), _cat(sums_dy_xmu)
