@@ -105,6 +105,52 @@ def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -
     return batch_stats_module(module, input, _sync_batch_norm, group_name=group_name)
 
 
+def ghost_batch_norm_of(module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                        eps, ghost_batch_size: int) -> Tensor:
+    """A batch-norm call traced on a module's own running statistics (its forward traced
+    through): ghost statistics while ``module`` trains, the running statistics in eval, as its
+    forward decides at call time. A batch-norm ``module`` gives its momentum and counter too;
+    the container symbolic_trace leaves in its place, its train/eval flag alone."""
+    return _on_module_state(
+        module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+        ghost_batch_norm, ghost_batch_size=ghost_batch_size,
+    )
+
+
+def sync_batch_norm_of(module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                       group_name: str | None) -> Tensor:
+    """``ghost_batch_norm_of`` with statistics over the process group ``group_name``; None:
+    plain batch norm (no group to synchronize over)."""
+    if group_name is None:
+        return _on_module_state(
+            module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            _plain_batch_norm,
+        )
+    return _on_module_state(
+        module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+        _sync_batch_norm, group_name=group_name,
+    )
+
+
+def _plain_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, num_batches_tracked):
+    """Training-mode batch norm as ``_BatchNorm.forward`` computes it, counter included."""
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    return F.batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
+
+
+def _on_module_state(module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                     batch_norm, **kwargs) -> Tensor:
+    if not module.training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if isinstance(module, _BatchNorm):
+        momentum, num_batches_tracked = module.momentum, module.num_batches_tracked
+    return batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                      num_batches_tracked=num_batches_tracked, **kwargs)
+
+
 def frozen_batch_norm_module(module: _BatchNorm, input: Tensor) -> Tensor:
     """``module(input)`` normalized with its running statistics, which stay as they are, in
     train and eval mode; weight and bias get no gradient (MegEngine's ``freeze=True``)."""

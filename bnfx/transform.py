@@ -64,10 +64,12 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """New graphs over the same submodules: ``gm``'s graph and those nested in it are untouched,
     while parameters and buffers stay shared, so training the result updates the user's model."""
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    _keep_batch_norm_owners(gm, new)
     copies = {}
     for node in new.graph.nodes:
-        if node.target not in copies and nested_graph_modules_of(new, node) is not None:
-            copies[node.target] = graph_copy(nested_graph_modules_of(new, node))
+        nested = nested_graph_modules_of(new, node)
+        if nested is not None and node.target not in copies:
+            copies[node.target] = graph_copy(nested)
     for target, nested in copies.items():
         # a top-level name of its own: a dotted target's parent may be the user's module
         name = target if "." not in target else f"{target.replace('.', '_')}_graph"
@@ -77,6 +79,19 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
                 node.target = name
     new.recompile()
     return new
+
+
+def _keep_batch_norm_owners(gm: fx.GraphModule, new: fx.GraphModule) -> None:
+    """Where ``gm`` reads a batch-norm module's attributes, ``new`` holds that module too, not
+    the container GraphModule builds on the way to them: its flag, momentum and counter."""
+    for node in new.graph.find_nodes(op="get_attr"):
+        path = node.target.rpartition(".")[0]
+        if not path:
+            continue
+        module = gm.get_submodule(path)
+        if isinstance(module, _BatchNorm) and new.get_submodule(path) is not module:
+            parent, _, name = path.rpartition(".")
+            setattr(new.get_submodule(parent), name, module)
 
 
 def transform(model, **options):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bnfx.functional import ghost_batch_norm_module, ghost_own_forward
+from bnfx.functional import ghost_batch_norm_module, ghost_batch_norm_of, ghost_own_forward
 from bnfx.passes.report import Report
-from bnfx.passes.rewrite import replace_functional_site, replace_module_site, unsupported
+from bnfx.passes.rewrite import (
+    FOLLOWS_MODULE, replace_functional_site, replace_module_site, replace_owned_site, unsupported,
+)
 from bnfx.passes.sites import match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
 
@@ -30,6 +32,10 @@ def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool 
         graph = site.node.graph.owning_module
         if site.form == "call_module":
             replace_module_site(graph, site, (ghost_batch_norm_module, ghost_own_forward), (size,), name)
+        elif site.owner_path is not None:
+            warning = replace_owned_site(graph, site, ghost_batch_norm_of, (size,), name)
+            report.rewritten(site, "ghost", f"ghost_batch_size={size}; {FOLLOWS_MODULE}", warning)
+            continue
         else:
             op = torch.ops.bnfx.ghost_batch_norm.default
             replace_functional_site(graph, site, op, (size, site.momentum, site.eps), name)

@@ -21,6 +21,7 @@ class SiteRecord:
     form: str
     action: str  # "ghost", "sync", "frozen", "folded", or "left alone"
     reason: str = ""
+    warning: str = ""  # what a rewritten site does not do as asked, said at WARNING level
 
     @property
     def stays_plain(self) -> bool:
@@ -35,11 +36,12 @@ class Report:
     records: list[SiteRecord] = field(default_factory=list)
     done: str = "rewritten"  # what the summary line calls the sites that were changed
 
-    def rewritten(self, site, action: str, detail: str = "") -> None:
-        self.records.append(SiteRecord(site.name, site.form, action, detail))
+    def rewritten(self, site, action: str, detail: str = "", warning: str = "") -> None:
+        self.records.append(SiteRecord(site.name, site.form, action, detail + (f"; {warning}" if warning else ""),
+                                       warning))
 
-    def left_alone(self, site, reason: str) -> None:
-        self.records.append(SiteRecord(site.name, site.form, "left alone", reason))
+    def left_alone(self, site, reason: str, warning: str = "") -> None:
+        self.records.append(SiteRecord(site.name, site.form, "left alone", reason, warning))
 
     @property
     def found(self) -> int:
@@ -55,15 +57,22 @@ class Report:
         return [r for r in self.records if r.stays_plain]
 
     def warn_plain_sites(self) -> None:
-        """Say at WARNING level, once per process and reason, which sites stay plain batch norm."""
+        """Say at WARNING level, once per process and reason, which sites stay plain batch norm
+        (and what rewritten sites with a warning do not do)."""
         by_reason: dict[str, list[str]] = {}
         for record in self.plain:
             by_reason.setdefault(record.reason, []).append(record.name)
-        for reason, names in by_reason.items():
-            message = (
-                f"bnfx: {len(names)} batch-norm site{'s' if len(names) > 1 else ''} "
-                f"stay{'' if len(names) > 1 else 's'} plain batch norm ({reason}): {', '.join(names)}"
-            )
+        messages = [
+            f"bnfx: {len(names)} batch-norm site{'s' if len(names) > 1 else ''} "
+            f"stay{'' if len(names) > 1 else 's'} plain batch norm ({reason}): {', '.join(names)}"
+            for reason, names in by_reason.items()
+        ]
+        by_warning: dict[str, list[str]] = {}
+        for record in self.records:
+            if record.warning:
+                by_warning.setdefault(record.warning, []).append(record.name)
+        messages += [f"bnfx: batch-norm sites {', '.join(names)}: {warning}" for warning, names in by_warning.items()]
+        for message in messages:
             if message not in _warned:
                 _warned.add(message)
                 log.warning(message)

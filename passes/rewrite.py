@@ -26,7 +26,7 @@ def unsupported(site: BatchNormSite) -> str | None:
     under ``dynamic=True`` and reads them with ``.item()``): the op takes them as they are.
     Lazy modules are rewritten too: the run-time helper initializes them on the first call.
     """
-    if site.form == "call_module":
+    if site.form == "call_module" or site.owner_path is not None:
         return None
     if site.training is False:
         return EVAL_MODE
@@ -70,6 +70,36 @@ def replace_module_site(gm: fx.GraphModule, site: BatchNormSite, fns: tuple[Call
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+
+
+def replace_owned_site(gm: fx.GraphModule, site: BatchNormSite, fn: Callable, extra: tuple, name: str) -> str:
+    """A call on a batch-norm module's own statistics -> ``fn(module, x, weight, bias,
+    running_mean, running_var, num_batches_tracked, momentum, eps, *extra)``, which follows the
+    train/eval flag of the module at ``site.owner_path`` at run time (and a batch-norm module's
+    momentum and counter); the traced counter update goes (``fn`` counts). Returns the
+    warning its report record carries ("" for none)."""
+    graph, node = gm.graph, site.node
+    with graph.inserting_before(node):
+        module = graph.get_attr(site.owner_path)
+        args = (site.input, site.weight, site.bias, site.running_mean, site.running_var, site.num_batches_tracked,
+                site.momentum, site.eps)
+        new = graph.call_function(fn, (module, *args, *extra), name=name)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    if site.tracked_update is not None:
+        graph.erase_node(site.tracked_update)
+    return "" if isinstance(gm.get_submodule(site.owner_path), _BatchNorm) else TRACED_THROUGH
+
+
+# The report's detail for such a site.
+FOLLOWS_MODULE = "train/eval as its module at run time"
+# symbolic_trace left a container in the module's place: what its forward read of the module
+# (momentum, num_batches_tracked) was read while tracing, and stays as read then.
+TRACED_THROUGH = (
+    "momentum and num_batches_tracked as torch.fx.symbolic_trace read them in its forward (momentum=None "
+    "does not average, the counter does not move): trace the model with bnfx.trace(model) instead"
+)
 
 
 def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailing: tuple[Any, ...], name: str) -> None:

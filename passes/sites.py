@@ -89,6 +89,11 @@ class BatchNormSite:
     # whose result is the new counter (decomposed export)
     tracked_update: fx.Node | None = None
     group_name: str | None = None  # bnfx.module_batch_norm: the process group its module names
+    # A call on a batch-norm module's own running statistics, read as attributes: its forward
+    # traced through (``symbolic_trace`` of a NormAct subclass), its train/eval flag baked into
+    # ``training``. The flag of the module at ``owner_path`` at run time decides, as its forward
+    # would: the batch-norm module itself, or the container symbolic_trace left in its place.
+    owner_path: str | None = None
 
 
 def find_sites(gm: fx.GraphModule, *, nested: bool = True) -> list[BatchNormSite]:
@@ -167,11 +172,33 @@ def _functional_site(gm, node, form, x, weight, bias, mean, var, training, momen
                      tracked=None) -> BatchNormSite:
     """``tracked``: the counter where the call names it, else the buffer named like ``mean``."""
     tracked = tracked if tracked is not None else _num_batches_tracked(gm, mean)
+    owner_path = _owner_path(gm, mean, var) if form in ("F.batch_norm", "torch.batch_norm") else None
     return BatchNormSite(
-        node, form, module_path(node), x, momentum, eps, training=training,
+        node, form, owner_path or module_path(node), x, momentum, eps, training=training,
         weight=weight, bias=bias, running_mean=mean, running_var=var,
-        num_batches_tracked=tracked, tracked_update=_tracked_update(tracked, node),
+        num_batches_tracked=tracked, tracked_update=_tracked_update(tracked, node), owner_path=owner_path,
     )
+
+
+def _owner_path(gm: fx.GraphModule, mean: Any, var: Any) -> str | None:
+    """The path of the batch-norm module whose ``running_mean`` and ``running_var`` attributes
+    the call reads, or None. symbolic_trace keeps a plain container there, holding the tensors
+    the graph reads; the module's class is in the node's ``nn_module_stack``."""
+    if not all(isinstance(n, fx.Node) and n.op == "get_attr" for n in (mean, var)):
+        return None
+    path, _, name = mean.target.rpartition(".")
+    if not path or name != "running_mean" or var.target != f"{path}.running_var":
+        return None
+    try:
+        module = gm.get_submodule(path)
+    except AttributeError:
+        return None
+    if isinstance(module, _BatchNorm):
+        return path
+    stack = mean.meta.get("nn_module_stack") or {}
+    traced_class = next((cls for key, (_, cls) in stack.items() if key == path or key.endswith(f".{path}")), None)
+    is_batch_norm = isinstance(traced_class, type) and issubclass(traced_class, _BatchNorm)
+    return path if is_batch_norm else None
 
 
 def _num_batches_tracked(gm: fx.GraphModule, running_mean: Any) -> fx.Node | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bnfx.functional import sync_batch_norm_module, sync_own_forward
+from bnfx.functional import sync_batch_norm_module, sync_batch_norm_of, sync_own_forward
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
-from bnfx.passes.rewrite import reads_saved_statistics, replace_functional_site, replace_module_site, unsupported
+from bnfx.passes.rewrite import (
+    FOLLOWS_MODULE, reads_saved_statistics, replace_functional_site, replace_module_site, replace_owned_site, unsupported,
+)
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
 from bnfx.process_groups import sync_group
@@ -46,12 +48,20 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
             continue
         group, fallback = group_of(site)
         reason = unsupported(site) or fallback
+        if reason and site.owner_path is not None:  # plain batch norm, on the module's train/eval flag
+            warning = replace_owned_site(graph, site, sync_batch_norm_of, (None,), f"plain_bn_{index}")
+            report.left_alone(site, reason, warning)
+            continue
         if reason:
             report.left_alone(site, reason)
             continue
         name = f"sync_bn_{index}"
         if site.form == "call_module":
             replace_module_site(graph, site, (sync_batch_norm_module, sync_own_forward), (group.name,), name)
+        elif site.owner_path is not None:
+            warning = replace_owned_site(graph, site, sync_batch_norm_of, (group.name,), name)
+            report.rewritten(site, "sync", f"over {group.size} ranks; {FOLLOWS_MODULE}", warning)
+            continue
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
             replace_functional_site(graph, site, op, (site.momentum, site.eps, group.name), name)
