@@ -211,3 +211,10 @@ def _initialize_lazy(module: _BatchNorm, input: Tensor) -> None:
     from ``input``, create parameters and buffers, become the regular class)."""
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         module._infer_parameters(module, (input,))
+
+
+# The functions rewritten GraphModules call: tracers keep them as calls (``bnfx.tracing``).
+RUNTIME_FUNCTIONS = (
+    ghost_batch_norm_module, sync_batch_norm_module, frozen_batch_norm_module, ghost_own_forward, sync_own_forward,
+    frozen_own_forward, ghost_batch_norm_of, sync_batch_norm_of,
+)

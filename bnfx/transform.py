@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfx.export import transform_exported
 from bnfx.messages import first_line
 from bnfx.options import resolve_options
+from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 from bnfx.passes import Report, run_passes
 from bnfx.passes.subgraphs import nested_graph_module as nested_graph_modules_of
 
@@ -24,13 +25,6 @@ def _graph_module(model) -> fx.GraphModule:
     raise TypeError(f"model must be a torch.fx.GraphModule or an nn.Module, got {type(model).__name__}")
 
 
-class _BatchNormLeafTracer(fx.Tracer):
-    """symbolic_trace, with every batch-norm module (user subclasses too) kept as one call."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` that keeps batch-norm subclasses as ``call_module`` sites."""
     if isinstance(model, _BatchNorm):
@@ -39,7 +33,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "wrap it, e.g. nn.Sequential(bn)"
         )
     try:
-        graph = _BatchNormLeafTracer().trace(model)
+        graph = BatchNormTracer().trace(model)
     except Exception as error:
         raise TraceError(
             f"bnfx.transform cannot trace {type(model).__name__} with torch.fx.symbolic_trace: "
@@ -63,7 +57,9 @@ def _rewritten_copy(model, options: dict, *, dry_run: bool = False):
 def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """New graphs over the same submodules: ``gm``'s graph and those nested in it are untouched,
     while parameters and buffers stay shared, so training the result updates the user's model."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    graph = copy.deepcopy(gm.graph)
+    loads_with_bnfx(graph)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     _keep_batch_norm_owners(gm, new)
     copies = {}
     for node in new.graph.nodes:
