@@ -37,6 +37,7 @@ def backend(**options) -> Callable:
         opts = resolve_options(_with_mode({**chosen, **(options or {})}, mode), backend=True)
         return _compile(gm, example_inputs, opts)
 
+    bnfx_compile._bnfx_options = chosen  # what the frame watcher reads
     return bnfx_compile
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from bnfx.options import resolve_options
 from bnfx.traceable_forward import give_traceable_forwards
 
 log = logging.getLogger("bnfx")
@@ -68,27 +69,44 @@ class _KeepsWatcher(list):
 
 def _on_compile_start(_args) -> None:
     try:
-        frame = _frame_compiled_by_bnfx()
+        frame, options = _frame_compiled_by_bnfx()
         if frame is not None:
+            # Sync mode: every batch norm, so that a rank's batch of one sample (a legal part
+            # of the group's batch) traces; torch's F.batch_norm refuses it while Dynamo traces
+            every_module = _sync_mode(options)
             for module in _modules_in(frame.f_locals.values()):
-                give_traceable_forwards(module)
+                give_traceable_forwards(module, every_module=every_module)
                 _open_inner_frames(module)
     except Exception:  # noqa: BLE001 - a watcher must never break a compile
         log.debug("bnfx: could not inspect the frame Dynamo compiles", exc_info=True)
 
 
 def _frame_compiled_by_bnfx():
-    """The frame that the Dynamo compile on this thread's stack compiles, when the backend is bnfx's."""
+    """``(frame, options)``: the frame that the Dynamo compile on this thread's stack compiles
+    and the bnfx options it compiles with, when the backend is bnfx's; else ``(None, None)``."""
     compile_code = inspect.unwrap(torch._dynamo.convert_frame._compile).__code__
     caller = sys._getframe(1)
     while caller is not None and caller.f_code is not compile_code:
         caller = caller.f_back
     if caller is None:
-        return None
+        return None, None
     compiler_fn = caller.f_locals.get("compiler_fn")
-    backend = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
-    backend = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend name
-    return caller.f_locals.get("frame") if getattr(backend, "_bnfx_backend", False) else None
+    wrapper = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
+    backend = getattr(wrapper, "compiler_fn", wrapper)  # torch.compile's wrapper of a backend name
+    if not getattr(backend, "_bnfx_backend", False):
+        return None, None
+    # bnfx.backend(...)'s own options, or those torch.compile(..., options=...) passes to "bnfx"
+    options = getattr(backend, "_bnfx_options", None)
+    if options is None:
+        options = (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
+    return caller.f_locals.get("frame"), options
+
+
+def _sync_mode(options: dict) -> bool:
+    try:
+        return resolve_options({k: v for k, v in options.items() if k != "inner"}).mode == "sync"
+    except (TypeError, ValueError):  # the backend raises for them when it is called
+        return False
 
 
 def _modules_in(values) -> list[nn.Module]:

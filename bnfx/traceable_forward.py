@@ -33,15 +33,16 @@ from bnfx.passes.rewrite import has_own_forward
 log = logging.getLogger("bnfx")
 
 
-def give_traceable_forwards(root: nn.Module) -> list[str]:
-    """Give every module of ``root`` that needs one a traceable forward; return their names."""
+def give_traceable_forwards(root: nn.Module, *, every_module: bool = False) -> list[str]:
+    """Give every module of ``root`` that needs one a traceable forward (``every_module``:
+    every batch-norm module); return their names."""
     names = []
     for name, module in root.named_modules():
         if not isinstance(module, _BatchNorm):
             continue
         group_name = _sync_group_name(module)
         cumulative = module.momentum is None and module.track_running_stats
-        if not (cumulative or group_name is not None):
+        if not (cumulative or group_name is not None or every_module):
             continue
         current = module.__dict__.get("forward")
         if isinstance(current, functools.partial) and current.args == (module, group_name):

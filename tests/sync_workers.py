@@ -580,3 +580,33 @@ def population_statistics(rank: int, world_size: int, sizes: list[int]) -> dict:
             torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
     assert model[1].num_batches_tracked.item() == 3
     return {key: value.tolist() for key, value in model.state_dict().items() if "running" in key}
+
+
+def small_rank_batches(rank: int, world_size: int, variant: str, sizes: list[int]) -> None:
+    """``torch.compile(DDP(model), backend="bnfx")`` in sync mode where a rank holds one sample
+    (or none) of a legal group batch: two steps equal one process on the concatenated batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    factory, sample, _ = VARIANTS[variant]
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(CHANNELS, CHANNELS) if not sample else nn.Identity(), _randomized(factory(), 1))
+    reference = reference.double()
+    model = copy.deepcopy(reference)
+    compiled = torch.compile(DDP(model), backend="bnfx", options={"sync": True, "inner": "aot_eager"})
+    mine = _rank_slice(sizes, rank)
+    for step in range(2):
+        generator = torch.Generator().manual_seed(step)
+        x_all = torch.randn(sum(sizes), CHANNELS, *sample, generator=generator, dtype=torch.float64)
+        dy = torch.randn(x_all.shape, generator=generator, dtype=torch.float64)
+        x, x_ref = x_all[mine].clone().requires_grad_(), x_all.clone().requires_grad_()
+        out, out_ref = compiled(x), reference(x_ref)
+        out.backward(dy[mine] * world_size)  # DDP averages the ranks' gradients
+        out_ref.backward(dy)
+        torch.testing.assert_close(out, out_ref[mine], **TOL)
+        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, **TOL)
+        for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(param.grad, ref_param.grad, **TOL, msg=name)
+        model.zero_grad()
+        reference.zero_grad()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, **TOL, msg=key)

@@ -43,3 +43,9 @@ def test_explain_on_one_rank_makes_no_collective_call():
     result = run_world(sync_workers.explain_on_one_rank, 2, timeout=120, pg_timeout=30)[0]
     assert result["details"] == ["over 2 ranks"] * 3
     assert result["seconds"] < 10, result
+
+
+@pytest.mark.parametrize("variant", ["BatchNorm1d", "BatchNorm1d-sequence", "BatchNorm2d", "BatchNorm3d"])
+@pytest.mark.parametrize("sizes", [[6, 1], [6, 0]], ids=["one-sample", "empty"])
+def test_compile_with_a_rank_of_one_sample_or_none(variant, sizes):
+    run_world(sync_workers.small_rank_batches, 2, variant, sizes, timeout=300)

@@ -37,6 +37,12 @@ def _module_batch_norm(input, weight, bias, running_mean, running_var, num_batch
         outputs = torch.ops.bnfx.sync_batch_norm(*state, momentum, eps, group_name)
     elif input.shape[0] == 0:  # (a rank's empty share of a sync batch, while Dynamo traces)
         return _empty_batch(*state, eps)
+    elif input.numel() == input.shape[1]:
+        # One value per channel: a legal share of a sync group's batch while Dynamo traces (the
+        # pass makes it sync batch norm); torch's error anywhere else
+        if not torch.compiler.is_compiling():
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        return _empty_batch(*state, eps)
     else:
         outputs = torch.ops.bnfx.ghost_batch_norm(*state, _WHOLE_BATCH, momentum, eps)
     return tuple(outputs[:4])
@@ -44,7 +50,7 @@ def _module_batch_norm(input, weight, bias, running_mean, running_var, num_batch
 
 def _empty_batch(input, weight, bias, running_mean, running_var, num_batches_tracked, eps):
     """torch's batch norm of an empty batch: an empty output, the statistics as they were,
-    the batch counted."""
+    the batch counted (for a one-sample batch: the shapes of what it returns)."""
     out = torch.batch_norm(input, weight, bias, None, None, True, 0.0, eps, False)
 
     def unchanged(state):
