@@ -14,7 +14,7 @@ from bnfx.messages import first_line
 from bnfx.options import resolve_options
 from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 from bnfx.passes import Report, run_passes
-from bnfx.passes.subgraphs import nested_graph_module as nested_graph_modules_of
+from bnfx.passes.subgraphs import nested_graph_module
 
 
 def _graph_module(model) -> fx.GraphModule:
@@ -33,7 +33,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "wrap it, e.g. nn.Sequential(bn)"
         )
     try:
-        graph = BatchNormTracer().trace(model)
+        tracer = BatchNormTracer()
+        graph = tracer.trace(model)
     except Exception as error:
         raise TraceError(
             f"bnfx.transform cannot trace {type(model).__name__} with torch.fx.symbolic_trace: "
@@ -42,7 +43,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             'torch.compile(model, backend="bnfx", options={...}) or '
             "bnfx.transform(torch.export.export(model, (x,)), ...)"
         ) from error
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return tracer.graph_module(model, graph, type(model).__name__)
 
 
 def _rewritten_copy(model, options: dict, *, dry_run: bool = False):
@@ -63,18 +64,28 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     _keep_batch_norm_owners(gm, new)
     copies = {}
     for node in new.graph.nodes:
-        nested = nested_graph_modules_of(new, node)
+        nested = nested_graph_module(new, node)
         if nested is not None and node.target not in copies:
-            copies[node.target] = graph_copy(nested)
+            holder = _attribute(new, node.target)
+            copied = graph_copy(nested)
+            # a checkpointed region holds its GraphModule: a new region around the copy
+            copies[node.target] = copied if holder is nested else type(holder)(copied)
     for target, nested in copies.items():
         # a top-level name of its own: a dotted target's parent may be the user's module
         name = target if "." not in target else f"{target.replace('.', '_')}_graph"
-        new.add_submodule(name, nested)
+        setattr(new, name, nested)
         for node in new.graph.nodes:
             if node.op in ("get_attr", "call_module") and node.target == target:
                 node.target = name
     new.recompile()
     return new
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    value = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
 
 
 def _keep_batch_norm_owners(gm: fx.GraphModule, new: fx.GraphModule) -> None:

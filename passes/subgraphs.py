@@ -3,8 +3,8 @@
 Dynamo puts an activation-checkpointed region into ``tag_activation_checkpoint`` and the
 branches and bodies of ``cond``, ``while_loop``, ``wrap``, ``invoke_subgraph`` ... into
 higher-order ops whose subgraphs are GraphModule attributes of the graph; ``bnfx.trace``
-keeps ``torch.utils.checkpoint.checkpoint`` calls the same way, and ``split_module`` calls
-its pieces as submodules. A walk over ``gm.graph.nodes`` alone sees none of their batch norms.
+keeps ``torch.utils.checkpoint.checkpoint`` calls on a GraphModule of their own, and
+``split_module`` calls its pieces as submodules. A walk over ``gm.graph.nodes`` alone sees none of their batch norms.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ def nested_graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
 
 
 def nested_graph_module(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
-    """The GraphModule that ``node`` reads or calls, or None."""
+    """The GraphModule that ``node`` reads or calls (or that the value it reads holds, as a
+    ``bnfx.tracing.CheckpointedRegion`` does), or None."""
     if node.op not in ("get_attr", "call_module") or not isinstance(node.target, str):
         return None
     value = gm
     for atom in node.target.split("."):
         value = getattr(value, atom, None)
+    value = getattr(value, "graph_module", value)
     return value if isinstance(value, fx.GraphModule) else None
 
 

@@ -130,3 +130,52 @@ def test_timm_grad_checkpointing_rewrites_every_site():
     for name, param in model.named_parameters():
         key = name if name in reference_grads else name.rsplit(".", 1)[0] + ".batchnorm." + name.rsplit(".", 1)[1]
         torch.testing.assert_close(param.grad, reference_grads[key].grad, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_bnfx_trace_keeps_checkpoint_calls(use_reentrant):
+    model = CheckpointedBlocks(use_reentrant=use_reentrant).double()
+    traced = bnfx.trace(model)
+    checkpoint = torch.utils.checkpoint.checkpoint
+    assert sum(n.target is checkpoint for n in traced.graph.nodes) == 2
+    assert sorted(traced.state_dict()) == sorted(model.state_dict())  # the regions hold no state of their own
+    assert len(list(traced.parameters())) == len(list(model.parameters()))
+    # the reference: Composer's loop under the same checkpointing, which recomputes (and so
+    # updates the running statistics) in the backward as torch's batch norm does eagerly
+    reference = chunk_loop_model(model, GHOST)
+    rewritten = bnfx.transform(model, ghost_batch_size=GHOST)
+    assert [r.action for r in bnfx.explain(model, ghost_batch_size=GHOST)] == ["ghost"] * 3
+    assert traced.code == bnfx.trace(model).code, "transform leaves the input's regions alone"
+    calls = []
+    model.blocks[0].conv.register_forward_hook(lambda *_: calls.append(1))
+    for batch in (10, 8):
+        x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
+        x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, out_ref = rewritten(x), reference(x_ref)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_ref.backward(grad)
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    assert len(calls) == 4, "each step runs the checkpointed block twice: forward, then recomputation"
+    expected = unwrapped_state(reference)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+
+
+def test_a_checkpoint_call_bnfx_trace_cannot_keep_is_said(caplog):
+    class ContextFn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            from torch.utils.checkpoint import checkpoint  # the imported name, not the attribute
+
+            return checkpoint(self.block, x, use_reentrant=False, context_fn=torch.utils.checkpoint.noop_context_fn)
+
+    with caplog.at_level("WARNING", logger="bnfx"):
+        traced = bnfx.trace(ContextFn())
+    assert any("context_fn" in r.getMessage() and "Sequential" in r.getMessage() for r in caplog.records)
+    assert not any(n.target is torch.utils.checkpoint.checkpoint for n in traced.graph.nodes)
+    assert [r.action for r in bnfx.explain(traced, ghost_batch_size=GHOST)] == ["ghost"]

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 import bnfx
 from bnfx.functional import RUNTIME_FUNCTIONS
+from checkpointed import CheckpointedBlocks
 from norm_act import norm_act_model
 from world_of_one import world_of_one
 
@@ -31,6 +32,7 @@ MODELS = {
     "norm-act": norm_act_model,  # subclasses with their own forward: the own-forward functions
     # symbolic_trace through the subclasses' forwards: sites on their own statistics
     "traced-norm-act": lambda: fx.symbolic_trace(norm_act_model()),
+    "checkpointed": CheckpointedBlocks,  # regions that bnfx.trace keeps checkpointed
 }
 OPTIONS = {"ghost": {"ghost_batch_size": 4}, "sync": {"sync": True}, "frozen": {"sync": True, "freeze": True}}
 
