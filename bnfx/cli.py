@@ -212,6 +212,9 @@ def _run_export(args) -> None:
 
 
 def _check_output_path(path: str) -> None:
+    if not path.endswith(".pt2"):
+        stem = os.path.splitext(os.path.basename(path))[0] or "model"
+        raise UsageError(f"bnfx: -o {path}: export writes a torch.export program; give a .pt2 file, e.g. {stem}.pt2")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"bnfx: -o {path}: no such folder: {folder}")
@@ -229,11 +232,24 @@ def _check_input_shape(model: torch.nn.Module, args) -> None:
             f"bnfx: --input-shape {shape}: a training-mode export needs a batch of 2 samples or more "
             "(batch norm refuses to normalize a single sample); give N >= 2, or --eval"
         )
+    dims = _input_dims(model)
+    if dims is not None and len(args.input_shape) != dims:
+        names = {3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}.get(dims, f"{dims} sizes")
+        raise UsageError(
+            f"bnfx: --input-shape {shape}: {args.model} needs {dims} dimensions ({names}), got {len(args.input_shape)}"
+        )
     if _fails(copy.deepcopy(model).to("meta"), torch.empty(args.input_shape, device="meta")):
         # meta kernels say less ("Invalid channel dimensions"): torch's message from a real run,
         # which stops at the first layer that does not fit
         error = _fails(copy.deepcopy(model), torch.zeros(args.input_shape)) or "the model refuses that shape"
         raise UsageError(f"bnfx: --input-shape {shape} does not fit {args.model}: {error}")
+
+
+def _input_dims(model: torch.nn.Module) -> int | None:
+    """The dimensions a batch of the model's input has, read off its first convolution (its
+    weight has one per spatial dimension, beside out and in channels); None where it has none."""
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return None if conv is None else conv.weight.dim()
 
 
 def _fails(model: torch.nn.Module, x: torch.Tensor) -> str | None:

@@ -6,7 +6,7 @@ from torch import fx
 
 from bnfx.passes.ghost import rewrite_ghost
 from bnfx.passes.report import Report, SiteRecord
-from bnfx.passes.sites import BatchNormSite, find_sites
+from bnfx.passes.sites import BatchNormSite, find_sites, rewritten_sites
 from bnfx.passes.sync import rewrite_sync
 
 __all__ = ["BatchNormSite", "Report", "SiteRecord", "find_sites", "pipeline", "run_passes"]
@@ -26,6 +26,8 @@ def run_passes(gm: fx.GraphModule, options, *, dry_run: bool = False) -> Report:
     reason. ``dry_run`` (``bnfx.explain``): the report only, no warning and no collective call.
     """
     report = Report()
+    for site in rewritten_sites(gm):  # a rewrite before this one: reported, never rewritten twice
+        report.rewritten(site, site.action, site.detail)
     for rewrite in pipeline(options):
         rewrite(gm, options, report, dry_run=dry_run)
     if not dry_run:

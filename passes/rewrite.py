@@ -118,6 +118,8 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
             (site.input, site.weight, site.bias, site.running_mean, site.running_var, tracked, *trailing),
             name=name,
         )
+        # where it came from (a saved program names its sites by it), not what it computes
+        new.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
         out = graph.call_function(operator.getitem, (new, 0))
         outputs = tuple_outputs(site)
         returns_state = "new_running_mean" in (outputs or ())

@@ -242,3 +242,44 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     return path.lstrip(".") or node.name
+
+
+@dataclass(frozen=True)
+class RewrittenSite:
+    """A batch-norm site a bnfx rewrite made earlier (a saved program, a transformed graph)."""
+
+    name: str
+    form: str
+    action: str  # "ghost", "sync", "frozen"
+    detail: str
+
+
+def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
+    """The calls of bnfx's ops and run-time functions in ``gm`` and the graphs nested in it."""
+    from bnfx import functional as f
+
+    by_function = {
+        f.ghost_batch_norm_module: ("ghost", 2), f.ghost_own_forward: ("ghost", 1), f.ghost_batch_norm_of: ("ghost", 9),
+        f.sync_batch_norm_module: ("sync", None), f.sync_own_forward: ("sync", None),
+        f.sync_batch_norm_of: ("sync", None), f.frozen_batch_norm_module: ("frozen", None),
+        f.frozen_own_forward: ("frozen", None),
+    }
+    found = []
+    for graph in graph_modules(gm):
+        for node in graph.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in (B.ghost_batch_norm.default, B.sync_batch_norm.default):
+                a = schema_arguments(node.target, node.args, node.kwargs)
+                ghost = node.target is B.ghost_batch_norm.default
+                detail = f"ghost_batch_size={a['ghost_batch_size']}" if ghost else f"group {a['group_name']}"
+                found.append(RewrittenSite(module_path(node), f"bnfx.{node.target._opname}", "ghost" if ghost else "sync",
+                                           f"rewritten before: {detail}"))
+            elif node.target in by_function:
+                action, size_at = by_function[node.target]
+                module = node.args[0]
+                name = module.target if isinstance(module, fx.Node) and module.op == "get_attr" else node.name
+                detail = "rewritten before" + (f": ghost_batch_size={node.args[size_at]}" if size_at else "")
+                found.append(RewrittenSite(name, node.target.__name__, action, detail))
+    return found
+

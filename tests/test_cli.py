@@ -40,6 +40,14 @@ def test_demo_ghost_against_composer():
     assert float(summary_value(result.stdout, "max |out diff|")) < 1e-3
 
 
+def test_demo_compares_like_with_like_with_dropout():
+    # mobilenet_v3_small has dropout: two runs would draw different masks
+    result = run("demo", "--model", "mobilenet_v3_small", "--steps", "1", "--batch", "8", "--image-size", "32")
+    assert result.returncode == 0, result.stderr
+    assert "(1 dropout layer off in both runs" in result.stdout
+    assert float(summary_value(result.stdout, "max |out diff|")) < 1e-4
+
+
 def test_demo_sync_on_two_processes():
     result = run("demo", "--sync", "--nproc", "2", "--steps", "2", "--batch", "6")
     assert result.returncode == 0, result.stderr
@@ -69,6 +77,12 @@ def test_export_then_load_and_run(tmp_path):
     reference.load_state_dict(module.state_dict())
     expected = bnfx.transform(reference, ghost_batch_size=8)(x)
     torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+    # the saved program's sites are bnfx's now: inspect lists them, and would rewrite none again
+    inspected = run("inspect", str(program), "--ghost-batch-size", "4")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "layer4.1.bn2" in inspected.stdout and "bnfx.ghost_batch_norm" in inspected.stdout
+    assert "rewritten before: ghost_batch_size=8" in inspected.stdout
+    assert "20 batch-norm sites, 20 rewritten" in inspected.stdout
 
 
 def test_export_folded_then_load_without_bnfx(tmp_path):
@@ -113,6 +127,9 @@ def test_inspect_exported_program(tmp_path):
         (["export", "resnet18", "-o", "x.pt2", "--input-shape", "1,3,32,32"],
          "a training-mode export needs a batch of 2 samples or more"),
         (["export", "resnet18", "-o", "no_such_folder/x.pt2"], "no such folder"),
+        (["export", "resnet18", "-o", "r18.txt"], "-o r18.txt: export writes a torch.export program; give a .pt2 file"),
+        (["export", "resnet18", "-o", "x.pt2", "--input-shape", "8,3,32"],
+         "--input-shape 8,3,32: resnet18 needs 4 dimensions (N,C,H,W), got 3"),
         (["export", "resnet18", "-o", "x.pt2", "--fold"], "--fold needs --eval"),
         (["inspect", "resnet18", "--eval", "--fold", "--ghost-batch-size", "8"],
          "--fold folds eval batch norm; --ghost-batch-size 8 does not apply to it"),
