@@ -179,3 +179,58 @@ def test_a_checkpoint_call_bnfx_trace_cannot_keep_is_said(caplog):
     assert any("context_fn" in r.getMessage() and "Sequential" in r.getMessage() for r in caplog.records)
     assert not any(n.target is torch.utils.checkpoint.checkpoint for n in traced.graph.nodes)
     assert [r.action for r in bnfx.explain(traced, ghost_batch_size=GHOST)] == ["ghost"]
+
+
+class CompileRegion(nn.Module):
+    """``torch.compiler.nested_compile_region``: Dynamo's ``invoke_subgraph``."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        @torch.compiler.nested_compile_region
+        def region(x):
+            return self.bn(x)
+
+        return region(x)
+
+
+class NoGradRegion(nn.Module):
+    """``torch.no_grad()`` inside forward: export's training IR puts the region into
+    ``wrap_with_set_grad_enabled``."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen_input = nn.BatchNorm1d(4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.frozen_input(x)
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("door", ["compile", "export"])
+@pytest.mark.parametrize("model_class", [CompileRegion, NoGradRegion])
+def test_other_higher_order_regions(model_class, door):
+    torch.manual_seed(0)
+    model = model_class()
+    reference = chunk_loop_model(model, GHOST)
+    x = torch.randn(10, 4)
+    if door == "compile":
+        first = len(compile_backend.graph_reports)
+        out = torch.compile(model, backend=bnfx.backend(ghost_batch_size=GHOST, inner="aot_eager"))(x)
+        records = [r for report in compile_backend.graph_reports[first:] for r in report]
+        state = model.state_dict()
+    else:
+        program = torch.export.export(model, (x,))
+        records = list(bnfx.explain(program, ghost_batch_size=GHOST))
+        module = bnfx.transform(program, ghost_batch_size=GHOST).module()
+        out = module(x)
+        state = module.state_dict()
+    expected = reference(x)
+    assert {r.action for r in records} == {"ghost"} and len(records) == len(list(model.children())), records
+    torch.testing.assert_close(out, expected)
+    for key, value in unwrapped_state(reference).items():
+        torch.testing.assert_close(state[key], value, msg=key)
