@@ -6,7 +6,9 @@ callback), bnfx looks at the modules that frame holds:
 
 - momentum=None and nn.SyncBatchNorm: forwards Dynamo cannot trace (it would break the graph
   and run them eagerly, as plain batch norm, or fail): they get a forward it can trace
-  (``traceable_forward``), before Dynamo traces the frame.
+  (``traceable_forward``), before Dynamo traces the frame. In sync mode every batch-norm
+  module gets one: a rank's share of the group's batch may hold one sample, which torch's
+  ``F.batch_norm`` refuses while Dynamo traces it.
 - DDP: ``torch.compile(DDP(model), backend="bnfx")`` traces DDP's forward, which breaks
   the graph and runs ``self.module(x)`` eagerly inside DDP's ``_inside_ddp_forward``
   context. Dynamo then compiles the inner module's ``forward`` as a frame of its own only
@@ -104,7 +106,7 @@ def _frame_compiled_by_bnfx():
 
 def _sync_mode(options: dict) -> bool:
     try:
-        return resolve_options({k: v for k, v in options.items() if k != "inner"}).mode == "sync"
+        return resolve_options(dict(options), backend=True).mode == "sync"
     except (TypeError, ValueError):  # the backend raises for them when it is called
         return False
 

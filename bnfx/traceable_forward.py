@@ -5,6 +5,8 @@
 - nn.SyncBatchNorm in an initialized process group: its forward raises on CPU and runs an
   autograd.Function with collectives on GPU, which Dynamo cannot trace either
   (pytorch/pytorch#161302).
+- In sync mode, any batch norm: a rank's share of the group's batch may be one sample, which
+  torch's forward refuses while Dynamo traces it (the group's batch is legal).
 
 When Dynamo starts compiling a frame for bnfx (``frame_watch``), such modules in that frame
 get an instance ``forward`` that runs their class's forward as before in eager mode and
