@@ -14,7 +14,7 @@ from bnfx.messages import first_line
 from bnfx.options import resolve_options
 from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 from bnfx.passes import Report, run_passes
-from bnfx.passes.subgraphs import nested_graph_module
+from bnfx.passes.subgraphs import attribute, nested_graph_module
 
 
 def _graph_module(model) -> fx.GraphModule:
@@ -66,7 +66,7 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     for node in new.graph.nodes:
         nested = nested_graph_module(new, node)
         if nested is not None and node.target not in copies:
-            holder = _attribute(new, node.target)
+            holder = attribute(new, node.target)
             copied = graph_copy(nested)
             # a checkpointed region holds its GraphModule: a new region around the copy
             copies[node.target] = copied if holder is nested else type(holder)(copied)
@@ -81,13 +81,6 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _attribute(gm: fx.GraphModule, target: str):
-    value = gm
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
 def _keep_batch_norm_owners(gm: fx.GraphModule, new: fx.GraphModule) -> None:
     """Where ``gm`` reads a batch-norm module's attributes, ``new`` holds that module too, not
     the container GraphModule builds on the way to them: its flag, momentum and counter."""
@@ -95,8 +88,8 @@ def _keep_batch_norm_owners(gm: fx.GraphModule, new: fx.GraphModule) -> None:
         path = node.target.rpartition(".")[0]
         if not path:
             continue
-        module = gm.get_submodule(path)
-        if isinstance(module, _BatchNorm) and new.get_submodule(path) is not module:
+        module = attribute(gm, path)
+        if isinstance(module, _BatchNorm) and attribute(new, path) is not module:
             parent, _, name = path.rpartition(".")
             setattr(new.get_submodule(parent), name, module)
 

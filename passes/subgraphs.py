@@ -36,11 +36,17 @@ def nested_graph_module(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule | N
     ``bnfx.tracing.CheckpointedRegion`` does), or None."""
     if node.op not in ("get_attr", "call_module") or not isinstance(node.target, str):
         return None
-    value = gm
-    for atom in node.target.split("."):
-        value = getattr(value, atom, None)
+    value = attribute(gm, node.target)
     value = getattr(value, "graph_module", value)
     return value if isinstance(value, fx.GraphModule) else None
+
+
+def attribute(gm: fx.GraphModule, target: str):
+    """What the dotted ``target`` names in ``gm`` (None where nothing does)."""
+    value = gm
+    for atom in target.split("."):
+        value = getattr(value, atom, None)
+    return value
 
 
 def recompile(graphs: list[fx.GraphModule]) -> None:
