@@ -11,6 +11,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
 from bnfx.own_forward import run_own_forward
+from bnfx.recomputation import recomputing, run_checkpointed
 
 
 def ghost_batch_norm(
@@ -82,6 +83,8 @@ def _updating_state(op, input, weight, bias, running_mean, running_var, num_batc
     out, new_mean, new_var, new_tracked, *_ = op(
         input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars
     )
+    if recomputing():  # the forward of this step wrote it already
+        return out
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(new_mean)
@@ -134,6 +137,8 @@ def sync_batch_norm_of(module, input, weight, bias, running_mean, running_var, n
 
 def _plain_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, num_batches_tracked):
     """Training-mode batch norm as ``_BatchNorm.forward`` computes it, counter included."""
+    if recomputing():
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     if num_batches_tracked is not None:
         with torch.no_grad():
             num_batches_tracked.add_(1)
@@ -216,5 +221,5 @@ def _initialize_lazy(module: _BatchNorm, input: Tensor) -> None:
 # The functions rewritten GraphModules call: tracers keep them as calls (``bnfx.tracing``).
 RUNTIME_FUNCTIONS = (
     ghost_batch_norm_module, sync_batch_norm_module, frozen_batch_norm_module, ghost_own_forward, sync_own_forward,
-    frozen_own_forward, ghost_batch_norm_of, sync_batch_norm_of,
+    frozen_own_forward, ghost_batch_norm_of, sync_batch_norm_of, run_checkpointed,
 )

@@ -2,10 +2,11 @@
 ``torch.load`` re-traces a transformed GraphModule's code with it.
 
 - Every batch-norm module (user subclasses too) stays one ``call_module`` site.
-- ``torch.utils.checkpoint.checkpoint`` calls stay calls: the checkpointed function is traced
-  into a GraphModule of its own (a ``CheckpointedRegion``), which the graph hands to
-  ``checkpoint``, so the traced model still recomputes it in the backward, and the passes
-  rewrite its sites like any other (``bnfx.passes.subgraphs``).
+- ``torch.utils.checkpoint.checkpoint`` calls stay checkpoint calls: the checkpointed
+  function is traced into a GraphModule of its own (a ``CheckpointedRegion``), which the
+  graph hands to ``checkpoint`` (through ``bnfx.recomputation.run_checkpointed``, so that its
+  batch norms update their state once a step), so the traced model still recomputes it in
+  the backward, and the passes rewrite its sites like any other (``bnfx.passes.subgraphs``).
 - bnfx's run-time functions (the calls a rewrite puts where a batch-norm module was) stay
   calls: fx rebuilds a pickled GraphModule by tracing its generated code again, with the
   tracer class its graph names, and symbolic_trace's own would trace into them and fail.
@@ -26,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from bnfx.functional import RUNTIME_FUNCTIONS
+from bnfx.recomputation import run_checkpointed
 
 log = logging.getLogger("bnfx")
 _CHECKPOINT = torch.utils.checkpoint.checkpoint
@@ -97,8 +99,6 @@ class BatchNormTracer(fx.Tracer):
         traced = any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
         if function is None or not traced:
             return _CHECKPOINT(function, *args, **options, **kwargs)
-        if isinstance(function, CheckpointedRegion):  # re-tracing a saved GraphModule
-            return self.create_proxy("call_function", _CHECKPOINT, (function, *args), {**kwargs, **options})
         literal = all(isinstance(v, (bool, int, str, type(None))) for v in options.values())
         if not literal or kwargs:
             log.warning(
@@ -146,8 +146,9 @@ class BatchNormTracer(fx.Tracer):
             fx.GraphModule(_WithRegions(self.root, self.regions), body, class_name="CheckpointedRegion")
         )
         attribute = self.create_proxy("get_attr", name, (), {})
-        call = self.create_proxy("call_function", _CHECKPOINT, (attribute, *(fx.Proxy(n, self) for n in inputs)),
-                                 options)
+        call = self.create_proxy(
+            "call_function", run_checkpointed, (attribute, *(fx.Proxy(n, self) for n in inputs)), options
+        )
         if isinstance(out, fx.Proxy):
             return call
         results = iter([call[i] for i in range(len(outputs))])

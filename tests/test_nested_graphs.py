@@ -10,7 +10,9 @@ from torch import fx, nn
 import bnfx
 from bnfx import compile_backend
 from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
+from bnfx.recomputation import run_checkpointed
 from checkpointed import CheckpointedBlocks, without_checkpointing
+from norm_act import BatchNormAct2d
 
 GHOST = 4
 
@@ -136,13 +138,12 @@ def test_timm_grad_checkpointing_rewrites_every_site():
 def test_bnfx_trace_keeps_checkpoint_calls(use_reentrant):
     model = CheckpointedBlocks(use_reentrant=use_reentrant).double()
     traced = bnfx.trace(model)
-    checkpoint = torch.utils.checkpoint.checkpoint
-    assert sum(n.target is checkpoint for n in traced.graph.nodes) == 2
+    assert sum(n.target is run_checkpointed for n in traced.graph.nodes) == 2
     assert sorted(traced.state_dict()) == sorted(model.state_dict())  # the regions hold no state of their own
     assert len(list(traced.parameters())) == len(list(model.parameters()))
-    # the reference: Composer's loop under the same checkpointing, which recomputes (and so
-    # updates the running statistics) in the backward as torch's batch norm does eagerly
-    reference = chunk_loop_model(model, GHOST)
+    # the reference: Composer's loop without checkpointing. The recomputation in the backward
+    # updates no running statistics (torch's batch norm, eagerly, would update them twice)
+    reference = chunk_loop_model(without_checkpointing(copy.deepcopy(model)), GHOST)
     rewritten = bnfx.transform(model, ghost_batch_size=GHOST)
     assert [r.action for r in bnfx.explain(model, ghost_batch_size=GHOST)] == ["ghost"] * 3
     assert traced.code == bnfx.trace(model).code, "transform leaves the input's regions alone"
@@ -177,7 +178,7 @@ def test_a_checkpoint_call_bnfx_trace_cannot_keep_is_said(caplog):
     with caplog.at_level("WARNING", logger="bnfx"):
         traced = bnfx.trace(ContextFn())
     assert any("context_fn" in r.getMessage() and "Sequential" in r.getMessage() for r in caplog.records)
-    assert not any(n.target is torch.utils.checkpoint.checkpoint for n in traced.graph.nodes)
+    assert not any(n.target is run_checkpointed for n in traced.graph.nodes)
     assert [r.action for r in bnfx.explain(traced, ghost_batch_size=GHOST)] == ["ghost"]
 
 
@@ -234,3 +235,34 @@ def test_other_higher_order_regions(model_class, door):
     torch.testing.assert_close(out, expected)
     for key, value in unwrapped_state(reference).items():
         torch.testing.assert_close(state[key], value, msg=key)
+
+
+class CheckpointedNormAct(nn.Module):
+    """NormAct layers (their own forward, one with momentum=None) in checkpointed regions."""
+
+    def __init__(self, use_reentrant: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), BatchNormAct2d(3, momentum=momentum)) for momentum in (0.1, None)]
+        )
+        self.use_reentrant, self.checkpointing = use_reentrant, True
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.use_reentrant) if self.checkpointing else block(x)
+        return x
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_transformed_norm_act_regions_update_their_state_once_a_step(use_reentrant):
+    model = CheckpointedNormAct(use_reentrant).double()
+    reference = chunk_loop_model(without_checkpointing(copy.deepcopy(model)), GHOST)
+    rewritten = bnfx.transform(model, ghost_batch_size=GHOST)
+    for batch in (10, 8):
+        x = torch.randn(batch, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        out = rewritten(x)
+        out.backward(torch.ones_like(out))
+        torch.testing.assert_close(out, reference(x))
+    expected = unwrapped_state(reference)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)

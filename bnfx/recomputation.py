@@ -1,0 +1,50 @@
+"""Activation checkpointing's recomputation, for the regions ``bnfx.trace`` keeps checkpointed.
+
+Under ``torch.utils.checkpoint`` a region runs twice per training step: in the forward, and
+again in the backward to rebuild what it did not keep. Run eagerly, torch's batch norm updates
+its running statistics both times. bnfx's batch norms in a kept region update them once, as
+the model without checkpointing does (and a compiled checkpointed model, whose backward
+recomputes the normalization, not the update): the second run writes no state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.utils.checkpoint
+
+_local = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether this thread is recomputing a checkpointed region (its batch norms write no state)."""
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputation():
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def run_checkpointed(region, *args, **options):
+    """``torch.utils.checkpoint.checkpoint(region, *args, **options)``, whose later runs of
+    ``region`` (the recomputation in the backward, reentrant or not) update no batch-norm state."""
+    if torch.compiler.is_compiling():  # one traced forward; compiled backwards recompute no update
+        return torch.utils.checkpoint.checkpoint(region, *args, **options)
+    runs = 0
+
+    def run(*inputs):
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return region(*inputs)
+        with _recomputation():
+            return region(*inputs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, **options)
