@@ -18,13 +18,12 @@ import contextlib
 import inspect
 import logging
 import math
-import operator
 
 import torch
 import torch.utils.checkpoint
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils import _pytree as pytree
+from torch.fx.node import map_aggregate
 
 from bnfx.functional import RUNTIME_FUNCTIONS
 from bnfx.recomputation import run_checkpointed
@@ -96,7 +95,7 @@ class BatchNormTracer(fx.Tracer):
     def checkpoint(self, function=None, *args, **kwargs):
         """What ``torch.utils.checkpoint.checkpoint`` does while this tracer traces."""
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in _CHECKPOINT_OPTIONS}
-        traced = any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
+        traced = bool(_proxies((args, kwargs)))
         if function is None or not traced:
             return _CHECKPOINT(function, *args, **options, **kwargs)
         literal = all(isinstance(v, (bool, int, str, type(None))) for v in options.values())
@@ -119,7 +118,7 @@ class BatchNormTracer(fx.Tracer):
         body = fx.Graph(tracer_cls=type(self))
         env: dict[fx.Node, fx.Node] = {}
         inputs: list[fx.Node] = []
-        outputs = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, fx.Proxy)]
+        outputs = _proxies(out)
         for node in [*region, *(p.node for p in outputs)]:
             for used in node.all_input_nodes if node in inside else [node]:
                 if used not in inside and used.op != "get_attr" and used not in inputs:
@@ -152,8 +151,7 @@ class BatchNormTracer(fx.Tracer):
         if isinstance(out, fx.Proxy):
             return call
         results = iter([call[i] for i in range(len(outputs))])
-        leaves, spec = pytree.tree_flatten(out)
-        return pytree.tree_unflatten([next(results) if isinstance(leaf, fx.Proxy) else leaf for leaf in leaves], spec)
+        return map_aggregate(out, lambda value: next(results) if isinstance(value, fx.Proxy) else value)
 
     def _region_name(self) -> str:
         index = len(self.regions)
@@ -173,6 +171,13 @@ class _WithRegions(nn.Module):
     def __getattr__(self, name: str):
         regions = vars(self)["_regions"]
         return regions[name] if name in regions else getattr(vars(self)["_root"], name)
+
+
+def _proxies(value) -> list[fx.Proxy]:
+    """The proxies in ``value`` (nested tuples, lists and dicts), in order."""
+    found = []
+    map_aggregate(value, lambda v: found.append(v) if isinstance(v, fx.Proxy) else None)
+    return found
 
 
 def _targets(gm: fx.GraphModule) -> set[str]:
