@@ -273,7 +273,8 @@ def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
                 a = schema_arguments(node.target, node.args, node.kwargs)
                 ghost = node.target is B.ghost_batch_norm.default
                 detail = f"ghost_batch_size={a['ghost_batch_size']}" if ghost else f"group {a['group_name']}"
-                found.append(RewrittenSite(module_path(node), f"bnfx.{node.target._opname}", "ghost" if ghost else "sync",
+                form = str(node.target).removesuffix(".default")
+                found.append(RewrittenSite(module_path(node), form, "ghost" if ghost else "sync",
                                            f"rewritten before: {detail}"))
             elif node.target in by_function:
                 action, size_at = by_function[node.target]
