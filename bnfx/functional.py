@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -85,7 +86,10 @@ def _updating_state(op, input, weight, bias, running_mean, running_var, num_batc
     )
     if recomputing():  # the forward of this step wrote it already
         return out
-    with torch.no_grad():
+    # The new state is not differentiable, so the writes record no gradient either way; export
+    # would turn a no_grad block into a higher-order op its verifier refuses to save.
+    no_grad = contextlib.nullcontext() if torch.compiler.is_exporting() else torch.no_grad()
+    with no_grad:
         if running_mean is not None:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)

@@ -93,6 +93,5 @@ class _Redirect(TorchFunctionMode):
             momentum, call["eps"], num_batches_tracked=counter, **self.options,
         )
         if counter is not None:
-            with torch.no_grad():
-                module.num_batches_tracked.copy_(counter)
+            module.num_batches_tracked.copy_(counter)  # an integer tensor: no gradient to record
         return out

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfx.convert import conversion_of
 from bnfx.functional import batch_stats_module, module_batch_norm
 from bnfx.own_forward import run_own_forward
 from bnfx.passes.rewrite import has_own_forward
@@ -40,7 +41,7 @@ def give_traceable_forwards(root: nn.Module, *, every_module: bool = False) -> l
     every batch-norm module); return their names."""
     names = []
     for name, module in root.named_modules():
-        if not isinstance(module, _BatchNorm):
+        if not isinstance(module, _BatchNorm) or conversion_of(module) is not None:  # bnfx.convert's traces
             continue
         group_name = _sync_group_name(module)
         cumulative = module.momentum is None and module.track_running_stats

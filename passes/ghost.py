@@ -8,7 +8,7 @@ from torch import fx
 from bnfx.functional import ghost_batch_norm_module, ghost_batch_norm_of, ghost_own_forward
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import (
-    FOLLOWS_MODULE, replace_functional_site, replace_module_site, replace_owned_site, unsupported,
+    FOLLOWS_MODULE, replace_functional_site, replace_module_site, replace_owned_site, report_converted, unsupported,
 )
 from bnfx.passes.sites import match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
@@ -24,6 +24,8 @@ def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool 
     # Sites are matched one at a time: a rewrite changes the arguments of later sites.
     sites = (match_site(graph, node) for graph in graphs for node in list(graph.graph.nodes))
     for index, site in enumerate(site for site in sites if site is not None):
+        if report_converted(site, report):
+            continue
         reason = unsupported(site)
         if reason:
             report.left_alone(site, reason)

@@ -39,6 +39,21 @@ def unsupported(site: BatchNormSite) -> str | None:
     return None
 
 
+def report_converted(site: BatchNormSite, report) -> bool:
+    """A module ``bnfx.convert`` converted computes bnfx's batch norm itself: reported as such,
+    never rewritten again (True), whatever the options of this rewrite."""
+    from bnfx.convert import conversion_of
+
+    conversion = None if site.module is None else conversion_of(site.module)
+    if conversion is None:
+        return False
+    if conversion.action is None:
+        report.left_alone(site, conversion.reason)
+    else:
+        report.rewritten(site, conversion.action, "converted by bnfx.convert")
+    return True
+
+
 def reads_saved_statistics(site: BatchNormSite) -> bool:
     """The graph reads the statistics a tuple form saves for its backward."""
     return any(output_name(site, user) in SAVED_OUTPUTS for user in site.node.users)

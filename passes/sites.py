@@ -269,11 +269,13 @@ def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
         for node in graph.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in (B.ghost_batch_norm.default, B.sync_batch_norm.default):
-                a = schema_arguments(node.target, node.args, node.kwargs)
-                ghost = node.target is B.ghost_batch_norm.default
+            # Dynamo records the packet where the run-time functions call it
+            op = getattr(node.target, "default", node.target)
+            if op in (B.ghost_batch_norm.default, B.sync_batch_norm.default):
+                a = schema_arguments(op, node.args, node.kwargs)
+                ghost = op is B.ghost_batch_norm.default
                 detail = f"ghost_batch_size={a['ghost_batch_size']}" if ghost else f"group {a['group_name']}"
-                form = str(node.target).removesuffix(".default")
+                form = str(op).removesuffix(".default")
                 found.append(RewrittenSite(module_path(node), form, "ghost" if ghost else "sync",
                                            f"rewritten before: {detail}"))
             elif node.target in by_function:

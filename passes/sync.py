@@ -9,7 +9,8 @@ from bnfx.functional import sync_batch_norm_module, sync_batch_norm_of, sync_own
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import (
-    FOLLOWS_MODULE, reads_saved_statistics, replace_functional_site, replace_module_site, replace_owned_site, unsupported,
+    FOLLOWS_MODULE, reads_saved_statistics, replace_functional_site, replace_module_site, replace_owned_site,
+    report_converted, unsupported,
 )
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
@@ -42,6 +43,8 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
     for index, site in enumerate(match_site(graph, node) for graph, node in nodes):
         graph = site.node.graph.owning_module
+        if report_converted(site, report):
+            continue
         if _freezes(site, options):
             freeze_site(graph, site, f"frozen_bn_{index}")
             report.rewritten(site, "frozen", "running statistics, no update, no weight/bias gradient")

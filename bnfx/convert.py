@@ -1,0 +1,104 @@
+"""``bnfx.convert`` and ``bnfx.revert``: the door that needs no graph.
+
+``convert`` gives every batch-norm module of a model an instance ``forward`` that computes
+ghost, sync or frozen batch norm by calling bnfx's run-time functions (and so the bnfx ops):
+the same module objects, types, parameters, buffers and state_dict keys, no wrapper modules.
+The model is right eagerly, under DDP whatever its structure (DDP's own forward calls the
+modules, converted), under torch.compile with any backend (Dynamo traces the instance forward
+into bnfx ops, which no pass rewrites again) and under torch.export. ``revert`` removes those
+forwards: the class's forward runs again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfx.functional import (
+    frozen_batch_norm_module, frozen_own_forward, ghost_batch_norm_module, ghost_own_forward, sync_batch_norm_module,
+    sync_own_forward,
+)
+from bnfx.options import resolve_options
+from bnfx.passes.rewrite import has_own_forward
+from bnfx.process_groups import sync_group
+
+log = logging.getLogger("bnfx")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What a converted module computes: ``action`` "ghost", "sync" or "frozen" (None: plain,
+    with ``reason``), with the ghost size or the sync group's name."""
+
+    action: str | None
+    ghost_batch_size: int | None = None
+    group_name: str | None = None
+    reason: str = ""
+
+
+def convert(model: nn.Module, **options) -> nn.Module:
+    """Make every batch-norm module of ``model`` compute ghost (or sync, or frozen) batch norm,
+    in place; returns ``model``. The options are ``bnfx.transform``'s. In sync mode this is a
+    collective: every rank of the group converts (bnfx's communicator is created here).
+
+    >>> model = bnfx.convert(model, ghost_batch_size=32)      # or sync=True
+    >>> ddp = DDP(model)                                      # or bnfx.convert(DDP(model), sync=True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    opts = resolve_options(options)
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if opts.mode == "ghost":
+        conversion = Conversion("ghost", ghost_batch_size=opts.ghost_batch_size)
+    elif opts.freeze:
+        conversion = Conversion("frozen")
+    else:
+        plan = f"{len(modules)} converted batch-norm modules ({opts.describe()})"
+        group, reason = sync_group(opts.sync, opts.group_size, plan=plan)
+        conversion = Conversion("sync", group_name=group.name) if group else Conversion(None, reason=reason)
+    for _, module in modules:
+        module.forward = functools.partial(converted_forward, module, conversion)
+    if conversion.action is None and modules:
+        names = ", ".join(name or type(model).__name__ for name, _ in modules)
+        log.warning("bnfx: %d batch-norm modules stay plain batch norm (%s): %s", len(modules), conversion.reason, names)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``convert``: every batch-norm module of ``model`` runs its class's forward again."""
+    for module in model.modules():
+        if conversion_of(module) is not None:
+            del module.forward
+    return model
+
+
+def conversion_of(module: nn.Module) -> Conversion | None:
+    """What ``convert`` made ``module`` compute, or None where it did not convert it."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is converted_forward:
+        return forward.args[1]
+    return None
+
+
+def converted_forward(module: _BatchNorm, conversion: Conversion, *args, **kwargs):
+    """A converted module's forward: its class's forward with bnfx's statistics."""
+    own = has_own_forward(module)
+    if conversion.action is None:
+        return type(module).forward(module, *args, **kwargs)
+    if own:
+        forward = type(module).forward
+        if conversion.action == "ghost":
+            return ghost_own_forward(module, conversion.ghost_batch_size, *args, forward=forward, **kwargs)
+        if conversion.action == "sync":
+            return sync_own_forward(module, conversion.group_name, *args, forward=forward, **kwargs)
+        return frozen_own_forward(module, *args, forward=forward, **kwargs)
+    input = args[0] if args else kwargs["input"]
+    if conversion.action == "ghost":
+        return ghost_batch_norm_module(module, input, conversion.ghost_batch_size)
+    if conversion.action == "sync":
+        return sync_batch_norm_module(module, input, conversion.group_name)
+    return frozen_batch_norm_module(module, input)

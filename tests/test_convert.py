@@ -1,0 +1,108 @@
+"""``bnfx.convert``: the model's own batch-norm modules compute bnfx's batch norm, eagerly,
+compiled with any backend, exported, copied and pickled; ``bnfx.revert`` undoes it."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import bnfx
+from bnfx import compile_backend
+from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
+from bnfx.convert import conversion_of
+from composer_reference import assert_steps_equal
+from norm_act import norm_act_model
+
+GHOST = 4
+
+
+def models():
+    torch.manual_seed(0)
+    return {
+        "1d": nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4, momentum=None)),
+        "2d": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4, affine=False)),
+        "3d": nn.Sequential(nn.Conv3d(3, 4, 2), nn.BatchNorm3d(4)),
+        "norm-act": norm_act_model(),  # subclasses with their own forward, one with momentum=None
+    }
+
+
+SHAPES = {"1d": (3,), "2d": (3, 6, 6), "3d": (3, 4, 4, 4), "norm-act": (3, 8, 8)}
+
+
+@pytest.mark.parametrize("door", ["eager", "compile"])
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_ghost_equals_the_chunk_loop(kind, door):
+    model = models()[kind].double()
+    reference = chunk_loop_model(model, GHOST)
+    keys = list(model.state_dict())
+    assert bnfx.convert(model, ghost_batch_size=GHOST) is model
+    assert list(model.state_dict()) == keys and all(type(m) is type(r) for m, r in zip(model.modules(), models()[kind].modules()))
+    first = len(compile_backend.graph_reports)
+    net = model if door == "eager" else torch.compile(model, backend="aot_eager", fullgraph=True)
+    inputs = [torch.randn(batch, *SHAPES[kind], dtype=torch.float64) for batch in (10, 8)]
+    assert_steps_equal(model, reference, net, inputs)
+    model.eval()
+    reference.eval()
+    torch.testing.assert_close(net(inputs[0]), reference(inputs[0]))
+    assert len(compile_backend.graph_reports) == first  # no bnfx backend involved
+
+
+def test_compiled_with_the_bnfx_backend_nothing_is_rewritten_twice():
+    model = models()["2d"].double()
+    reference = chunk_loop_model(model, GHOST)
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    first = len(compile_backend.graph_reports)
+    net = torch.compile(model, backend=bnfx.backend(ghost_batch_size=2, inner="aot_eager"), fullgraph=True)
+    assert_steps_equal(model, reference, net, [torch.randn(10, 3, 6, 6, dtype=torch.float64)])
+    records = [r for report in compile_backend.graph_reports[first:] for r in report]
+    assert [r.action for r in records] == ["ghost", "ghost"] and all("before" in r.reason for r in records), records
+    report = bnfx.explain(model, ghost_batch_size=2)  # the transform door says the same
+    assert [r.reason for r in report] == ["converted by bnfx.convert"] * 2
+
+
+def test_convert_twice_then_revert_gives_back_the_original():
+    model, untouched = models()["norm-act"], models()["norm-act"]
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    assert all(conversion_of(m).ghost_batch_size == GHOST for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bnfx.convert(model, ghost_batch_size=2)  # the last options hold
+    assert {conversion_of(m).ghost_batch_size for m in model.modules() if conversion_of(m)} == {2}
+    bnfx.revert(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    x = torch.randn(10, 3, 8, 8)
+    torch.testing.assert_close(model(x), untouched(x), rtol=0, atol=0)
+    for key, value in untouched.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_copies_pickles_and_exports():
+    model = bnfx.convert(models()["norm-act"].double(), ghost_batch_size=GHOST)
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        twin = copy.deepcopy(model)
+        assert all(conversion_of(m) is None or conversion_of(m).ghost_batch_size == GHOST for m in copied.modules())
+        torch.testing.assert_close(copied(x), twin(x), rtol=0, atol=0)
+        for key, value in twin.state_dict().items():
+            torch.testing.assert_close(copied.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    program = torch.export.export(copy.deepcopy(model), (x,))
+    assert "bnfx.ghost_batch_norm" in str(program.graph)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(loaded(x), twin(x))
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+
+def test_bad_options_change_nothing():
+    model = models()["2d"]
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive int, got 0"):
+        bnfx.convert(model, ghost_batch_size=0)
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        bnfx.convert(3)
