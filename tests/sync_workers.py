@@ -610,3 +610,36 @@ def small_rank_batches(rank: int, world_size: int, variant: str, sizes: list[int
         reference.zero_grad()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, **TOL, msg=key)
+
+
+def converted(rank: int, world_size: int, order: str, compiled: bool, sizes=(5, 3), steps=2) -> None:
+    """``bnfx.convert(sync=True)`` on a top-level nn.Sequential under DDP, converted before or
+    after wrapping (``order``), eager or compiled with inductor-free aot_eager and no bnfx
+    backend: ``steps`` SGD steps equal one process on the concatenated batch (float64)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    reference = _form("sequential").double()
+    model = copy.deepcopy(reference)
+    net = DDP(bnfx.convert(model, sync=True)) if order == "convert-then-ddp" else bnfx.convert(DDP(model), sync=True)
+    if compiled:
+        net = torch.compile(net, backend="aot_eager")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+    mine = _rank_slice(list(sizes), rank)
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(30 + step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 6, 6, generator=generator, dtype=torch.float64)
+        x_ref = x_all.clone().requires_grad_()
+        out_ref = reference(x_ref)
+        dy = torch.randn(out_ref.shape, generator=generator, dtype=torch.float64)
+        out_ref.backward(dy)
+        x = x_all[mine].clone().requires_grad_()
+        out = net(x)
+        out.backward(dy[mine] * world_size)  # DDP averages: the average is the whole batch's gradient
+        torch.testing.assert_close(out, out_ref[mine], **TOL)
+        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, **TOL)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
+    for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+        torch.testing.assert_close(value, expected[name], **TOL, msg=name)

@@ -106,3 +106,12 @@ def test_bad_options_change_nothing():
     assert not any("forward" in vars(m) for m in model.modules())
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         bnfx.convert(3)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("order", ["convert-then-ddp", "ddp-then-convert"])
+def test_sync_under_ddp_in_both_orders(order, compiled):
+    import sync_workers
+    from gloo_world import run_world
+
+    run_world(sync_workers.converted, 2, order, compiled, timeout=300)
