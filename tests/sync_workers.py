@@ -476,27 +476,7 @@ def compiled_ddp_forms(rank: int, world_size: int, form: str, inner: str, sizes=
     first = len(compile_backend.graph_reports)
     options = {"sync": True} if inner == "inductor" else {"sync": True, "inner": inner}
     compiled = torch.compile(DDP(model), backend="bnfx", options=options)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (compiled, reference)]
-    mine = _rank_slice(list(sizes), rank)
-    for step in range(steps):
-        generator = torch.Generator().manual_seed(20 + step)
-        x_all = torch.randn(sum(sizes), CHANNELS, 8, 8, generator=generator, dtype=torch.float64)
-        x_ref = x_all.clone().requires_grad_()
-        out_ref = reference(x_ref)
-        dy = torch.randn(out_ref.shape, generator=generator, dtype=torch.float64)
-        out_ref.backward(dy)
-        x = x_all[mine].clone().requires_grad_()
-        out = compiled(x)
-        out.backward(dy[mine] * world_size)  # DDP averages: the average is the whole batch's gradient
-        where = f"{form} via torch.compile(DDP), {inner}, step {step}"
-        torch.testing.assert_close(out, out_ref[mine], msg=lambda m: f"{where}: output\n{m}")
-        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, msg=lambda m: f"{where}: input grad\n{m}")
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
-        for name, value in list(model.named_parameters()) + list(model.named_buffers()):
-            torch.testing.assert_close(value, expected[name], msg=lambda m: f"{where}: {name}\n{m}")
+    _ddp_steps_equal(compiled, model, reference, rank, world_size, sizes, steps, f"{form} via torch.compile(DDP), {inner}")
     return sum(r.rewritten_count for r in compile_backend.graph_reports[first:])
 
 
@@ -614,8 +594,8 @@ def small_rank_batches(rank: int, world_size: int, variant: str, sizes: list[int
 
 def converted(rank: int, world_size: int, order: str, compiled: bool, sizes=(5, 3), steps=2) -> None:
     """``bnfx.convert(sync=True)`` on a top-level nn.Sequential under DDP, converted before or
-    after wrapping (``order``), eager or compiled with inductor-free aot_eager and no bnfx
-    backend: ``steps`` SGD steps equal one process on the concatenated batch (float64)."""
+    after wrapping (``order``), eager or compiled with aot_eager (no bnfx backend): ``steps``
+    SGD steps equal one process on the concatenated batch (float64)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     reference = _form("sequential").double()
@@ -623,11 +603,18 @@ def converted(rank: int, world_size: int, order: str, compiled: bool, sizes=(5, 
     net = DDP(bnfx.convert(model, sync=True)) if order == "convert-then-ddp" else bnfx.convert(DDP(model), sync=True)
     if compiled:
         net = torch.compile(net, backend="aot_eager")
+    _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, f"convert, {order}, compiled={compiled}")
+
+
+def _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, where) -> None:
+    """``steps`` SGD steps of ``net`` (``model`` under DDP) on this rank's share of float64
+    batches equal ``reference``'s on the whole batch: outputs, input grads, then parameters and
+    buffers after each step."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
     mine = _rank_slice(list(sizes), rank)
     for step in range(steps):
-        generator = torch.Generator().manual_seed(30 + step)
-        x_all = torch.randn(sum(sizes), CHANNELS, 6, 6, generator=generator, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(20 + step)
+        x_all = torch.randn(sum(sizes), CHANNELS, 8, 8, generator=generator, dtype=torch.float64)
         x_ref = x_all.clone().requires_grad_()
         out_ref = reference(x_ref)
         dy = torch.randn(out_ref.shape, generator=generator, dtype=torch.float64)
@@ -635,11 +622,12 @@ def converted(rank: int, world_size: int, order: str, compiled: bool, sizes=(5, 
         x = x_all[mine].clone().requires_grad_()
         out = net(x)
         out.backward(dy[mine] * world_size)  # DDP averages: the average is the whole batch's gradient
-        torch.testing.assert_close(out, out_ref[mine], **TOL)
-        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, **TOL)
+        at = f"{where}, step {step}"
+        torch.testing.assert_close(out, out_ref[mine], msg=lambda m: f"{at}: output\n{m}")
+        torch.testing.assert_close(x.grad, x_ref.grad[mine] * world_size, msg=lambda m: f"{at}: input grad\n{m}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
-    expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
-    for name, value in list(model.named_parameters()) + list(model.named_buffers()):
-        torch.testing.assert_close(value, expected[name], **TOL, msg=name)
+        expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
+        for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+            torch.testing.assert_close(value, expected[name], msg=lambda m: f"{at}: {name}\n{m}")
