@@ -86,11 +86,10 @@ def conversion_of(module: nn.Module) -> Conversion | None:
 
 def converted_forward(module: _BatchNorm, conversion: Conversion, *args, **kwargs):
     """A converted module's forward: its class's forward with bnfx's statistics."""
-    own = has_own_forward(module)
+    forward = type(module).forward
     if conversion.action is None:
-        return type(module).forward(module, *args, **kwargs)
-    if own:
-        forward = type(module).forward
+        return forward(module, *args, **kwargs)
+    if has_own_forward(module):
         if conversion.action == "ghost":
             return ghost_own_forward(module, conversion.ghost_batch_size, *args, forward=forward, **kwargs)
         if conversion.action == "sync":

@@ -97,11 +97,10 @@ def _frame_compiled_by_bnfx():
     backend = getattr(wrapper, "compiler_fn", wrapper)  # torch.compile's wrapper of a backend name
     if not getattr(backend, "_bnfx_backend", False):
         return None, None
-    # bnfx.backend(...)'s own options, or those torch.compile(..., options=...) passes to "bnfx"
-    options = getattr(backend, "_bnfx_options", None)
-    if options is None:
-        options = (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
-    return caller.f_locals.get("frame"), options
+    # bnfx.backend(...)'s own options, and those torch.compile(..., options=...) passes on, as
+    # the backend merges them
+    given = (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
+    return caller.f_locals.get("frame"), {**getattr(backend, "_bnfx_options", {}), **given}
 
 
 def _sync_mode(options: dict) -> bool:

@@ -128,14 +128,10 @@ def sync_batch_norm_of(module, input, weight, bias, running_mean, running_var, n
                        group_name: str | None) -> Tensor:
     """``ghost_batch_norm_of`` with statistics over the process group ``group_name``; None:
     plain batch norm (no group to synchronize over)."""
-    if group_name is None:
-        return _on_module_state(
-            module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-            _plain_batch_norm,
-        )
+    group = {} if group_name is None else {"group_name": group_name}
+    batch_norm = _plain_batch_norm if group_name is None else _sync_batch_norm
     return _on_module_state(
-        module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        _sync_batch_norm, group_name=group_name,
+        module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_norm, **group
     )
 
 

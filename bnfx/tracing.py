@@ -155,7 +155,7 @@ class BatchNormTracer(fx.Tracer):
 
     def _region_name(self) -> str:
         index = len(self.regions)
-        while hasattr(self.root, f"checkpoint_region_{index}"):
+        while f"checkpoint_region_{index}" in self.regions or hasattr(self.root, f"checkpoint_region_{index}"):
             index += 1
         return f"checkpoint_region_{index}"
 

@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfx.export import transform_exported
 from bnfx.messages import first_line
 from bnfx.options import resolve_options
-from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 from bnfx.passes import Report, run_passes
 from bnfx.passes.subgraphs import attribute, nested_graph_module
+from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 
 
 def _graph_module(model) -> fx.GraphModule:

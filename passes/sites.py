@@ -14,7 +14,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.module_batch_norm)
-from bnfx.passes.subgraphs import graph_modules
+from bnfx.passes.subgraphs import attribute, graph_modules
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,8 @@ def _owner_path(gm: fx.GraphModule, mean: Any, var: Any) -> str | None:
     path, _, name = mean.target.rpartition(".")
     if not path or name != "running_mean" or var.target != f"{path}.running_var":
         return None
-    try:
-        module = gm.get_submodule(path)
-    except AttributeError:
+    module = attribute(gm, path)
+    if module is None:
         return None
     if isinstance(module, _BatchNorm):
         return path
@@ -285,4 +284,3 @@ def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
                 detail = "rewritten before" + (f": ghost_batch_size={node.args[size_at]}" if size_at else "")
                 found.append(RewrittenSite(name, node.target.__name__, action, detail))
     return found
-

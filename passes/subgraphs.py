@@ -4,7 +4,8 @@ Dynamo puts an activation-checkpointed region into ``tag_activation_checkpoint``
 branches and bodies of ``cond``, ``while_loop``, ``wrap``, ``invoke_subgraph`` ... into
 higher-order ops whose subgraphs are GraphModule attributes of the graph; ``bnfx.trace``
 keeps ``torch.utils.checkpoint.checkpoint`` calls on a GraphModule of their own, and
-``split_module`` calls its pieces as submodules. A walk over ``gm.graph.nodes`` alone sees none of their batch norms.
+``split_module`` calls its pieces as submodules. A walk over ``gm.graph.nodes`` alone sees
+none of their batch norms.
 """
 
 from __future__ import annotations
