@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Any, Callable
 
 import torch
 from torch import fx
 
 from bnfx import frame_watch
-from bnfx.options import Options, resolve_options
+from bnfx.options import ENVIRONMENT_VARIABLE, Options, resolve_backend_options
 from bnfx.passes import Report, run_passes
 
 log = logging.getLogger("bnfx")
@@ -22,11 +23,12 @@ graph_reports: list[Report] = []
 
 def backend(**options) -> Callable:
     """A torch.compile backend with the given options, checked now; ``mode`` is inductor's
-    (torch.compile's ``mode``, given here or to torch.compile).
+    (torch.compile's ``mode``, given here or to torch.compile). Options it leaves out may come
+    from the ``BNFX_OPTIONS`` environment variable, as for ``backend="bnfx"``.
 
     >>> torch.compile(model, backend=bnfx.backend(ghost_batch_size=16, mode="max-autotune"))
     """
-    resolve_options(options, backend=True)
+    resolve_backend_options(options)
     frame_watch.watch()
     chosen = dict(options)
 
@@ -34,7 +36,7 @@ def backend(**options) -> Callable:
     def bnfx_compile(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
                      mode: str | None = None):
         # torch.compile(..., mode=...) or (..., options=...) passes its own: the same vocabulary
-        opts = resolve_options(_with_mode({**chosen, **(options or {})}, mode), backend=True)
+        opts = resolve_backend_options(_with_mode({**chosen, **(options or {})}, mode))
         return _compile(gm, example_inputs, opts)
 
     bnfx_compile._bnfx_options = chosen  # what the frame watcher reads
@@ -44,8 +46,9 @@ def backend(**options) -> Callable:
 @frame_watch.mark_bnfx_backend
 def bnfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
     """The backend registered as "bnfx" for ``torch.compile(model, backend="bnfx", options=...)``
-    (a ``mode`` goes in the options: torch.compile refuses both)."""
-    return _compile(gm, example_inputs, resolve_options(_with_mode(dict(options or {}), mode), backend=True))
+    (a ``mode`` goes in the options: torch.compile refuses both). Options not given there come
+    from the ``BNFX_OPTIONS`` environment variable, if set: ``BNFX_OPTIONS="ghost_batch_size=16"``."""
+    return _compile(gm, example_inputs, resolve_backend_options(_with_mode(dict(options or {}), mode)))
 
 
 def _with_mode(options: dict, mode: str | None) -> dict:
@@ -58,9 +61,11 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options):
     frame_watch.watch()
     report = run_passes(gm, opts)
     graph_reports.append(report)
+    from_environment = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     log.info(
-        "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s)",
+        "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s%s)",
         next(_graph_ids), report.found, report.rewritten_count, opts.describe(),
+        f"; {ENVIRONMENT_VARIABLE}={from_environment!r}" if from_environment else "",
     )
     return _inner_compile(opts.inner, gm, example_inputs, opts.compile_mode)
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from bnfx.options import resolve_options
+from bnfx.options import resolve_backend_options
 from bnfx.traceable_forward import give_traceable_forwards
 
 log = logging.getLogger("bnfx")
@@ -105,7 +105,7 @@ def _frame_compiled_by_bnfx():
 
 def _sync_mode(options: dict) -> bool:
     try:
-        return resolve_options(dict(options), backend=True).mode == "sync"
+        return resolve_backend_options(dict(options)).mode == "sync"
     except (TypeError, ValueError):  # the backend raises for them when it is called
         return False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,6 +14,9 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPH_OPTIONS = ("ghost_batch_size", "sync", "group_size", "freeze")
 _BACKEND_OPTIONS = _GRAPH_OPTIONS + ("inner", "mode")
+# Options for the backend where a program gives only its name (``--torchcompile bnfx``, a
+# trainer's config): "ghost_batch_size=16" or "sync=true,group_size=4,inner=aot_eager".
+ENVIRONMENT_VARIABLE = "BNFX_OPTIONS"
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,40 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
 def _not_a_member(sync) -> bool:
     """What ``dist.new_group`` returns on ranks outside the new group."""
     return dist.is_available() and type(sync) is int and sync == dist.GroupMember.NON_GROUP_MEMBER
+
+
+def resolve_backend_options(options: dict[str, Any]) -> Options:
+    """``resolve_options`` for the torch.compile backend: ``options`` over those of the
+    ``BNFX_OPTIONS`` environment variable, which the code's options override key by key."""
+    from_environment = environment_options()
+    try:
+        return resolve_options({**from_environment, **options}, backend=True)
+    except (TypeError, ValueError) as error:
+        if not from_environment:
+            raise
+        raise type(error)(f"{error} ({ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r})") from None
+
+
+def environment_options() -> dict[str, Any]:
+    """The options ``BNFX_OPTIONS`` gives, parsed but not checked: comma-separated ``key=value``
+    pairs whose values are ints, ``true``/``false``, or strings (a group name, a compiler)."""
+    text = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    options = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = (part.strip() for part in pair.partition("="))
+        if not equals or not key or not value:
+            raise ValueError(
+                f"{ENVIRONMENT_VARIABLE} must be comma-separated key=value pairs such as "
+                f"'ghost_batch_size=16', got {text!r}"
+            )
+        options[key] = _environment_value(value)
+    return options
+
+
+def _environment_value(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return int(value)
+    except ValueError:
+        return value

@@ -131,3 +131,57 @@ def test_a_mode_with_options_in_one_call():
     torch._dynamo.reset()
     options = {"ghost_batch_size": 4, "mode": "max-autotune-no-cudagraphs"}
     torch.testing.assert_close(torch.compile(model, backend="bnfx", options=options)(x), reference(x))
+
+
+def test_options_from_the_environment_reach_every_graph(monkeypatch, caplog):
+    from bnfx import compile_backend
+    from bnfx.chunk_loop import chunk_loop_model
+
+    class TwoGraphs(nn.Module):  # a graph break: two graphs, each with a batch norm
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            x = self.bn1(x)
+            torch._dynamo.graph_break()
+            return self.bn2(x)
+
+    monkeypatch.setenv("BNFX_OPTIONS", "ghost_batch_size=2, inner=aot_eager")
+    model = TwoGraphs().double()
+    reference = chunk_loop_model(model, 2)
+    first = len(compile_backend.graph_reports)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="bnfx"):
+        torch.testing.assert_close(torch.compile(model, backend="bnfx")(x), reference(x))
+    reports = compile_backend.graph_reports[first:]
+    assert [r.rewritten_count for r in reports] == [1, 1]
+    assert caplog.text.count("rewritten (ghost_batch_size=2; BNFX_OPTIONS='ghost_batch_size=2, inner=aot_eager')") == 2
+    assert model.bn2.num_batches_tracked.item() == 3
+    # the code's options override the environment's, key by key
+    torch._dynamo.reset()
+    model.bn1.reset_running_stats()
+    torch.compile(model.bn1, backend=bnfx.backend(ghost_batch_size=3))(x)
+    assert model.bn1.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize(
+    "value,error,message",
+    [
+        ("ghost_batch_size=0", ValueError, "ghost_batch_size must be a positive int, got 0"),
+        ("ghost_batch_size=16,sync=true", ValueError, "exclusive"),
+        ("ghost_size=4", TypeError, "unknown bnfx option 'ghost_size'"),
+        ("ghost_batch_size", ValueError, "BNFX_OPTIONS must be comma-separated key=value pairs"),
+    ],
+)
+def test_bad_options_from_the_environment_are_the_same_errors(monkeypatch, value, error, message):
+    monkeypatch.setenv("BNFX_OPTIONS", value)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        bnfx.backend()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(model, backend="bnfx")(torch.randn(6, 3))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
