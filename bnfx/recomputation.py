@@ -1,26 +1,42 @@
-"""Activation checkpointing's recomputation, for the regions ``bnfx.trace`` keeps checkpointed.
+"""Activation checkpointing's recomputation: bnfx's batch norms write no state while it runs.
 
 Under ``torch.utils.checkpoint`` a region runs twice per training step: in the forward, and
 again in the backward to rebuild what it did not keep. Run eagerly, torch's batch norm updates
-its running statistics both times. bnfx's batch norms in a kept region update them once, as
-the model without checkpointing does (and a compiled checkpointed model, whose backward
-recomputes the normalization, not the update): the second run writes no state.
+its running statistics both times. bnfx's batch norms update them once, as the model without
+checkpointing does (and a compiled checkpointed model, whose backward recomputes the
+normalization, not the update): the second run writes no state. bnfx knows the second run
+two ways: a region ``bnfx.trace`` kept runs it under ``run_checkpointed``; any other (a
+``bnfx.convert`` model checkpointed eagerly, reentrant or not) runs while autograd's engine
+runs a backward, which torch tells through one private function, checked here once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import torch
 import torch.utils.checkpoint
 
+log = logging.getLogger("bnfx")
 _local = threading.local()
+# -1 outside a backward; torch's own ModuleTracker.is_bw and FSDP read it the same way
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+if _graph_task_id is None:
+    log.warning(
+        "bnfx: this torch has no torch._C._current_graph_task_id, so bnfx cannot tell activation "
+        "checkpointing's recomputation in eager mode: converted batch norms in checkpointed code update "
+        "their running statistics twice a step there, as torch's batch norm does"
+    )
 
 
 def recomputing() -> bool:
-    """Whether this thread is recomputing a checkpointed region (its batch norms write no state)."""
-    return getattr(_local, "depth", 0) > 0
+    """Whether this thread is recomputing checkpointed code (its batch norms write no state):
+    a region kept by ``bnfx.trace``, or any forward run eagerly inside a backward."""
+    if getattr(_local, "depth", 0) > 0:
+        return True
+    return _graph_task_id is not None and not torch.compiler.is_compiling() and _graph_task_id() != -1
 
 
 @contextlib.contextmanager

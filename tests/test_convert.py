@@ -115,3 +115,34 @@ def test_sync_under_ddp_in_both_orders(order, compiled):
     from gloo_world import run_world
 
     run_world(sync_workers.converted, 2, order, compiled, timeout=300)
+
+
+class Checkpointed(nn.Module):
+    """``inner`` run under torch.utils.checkpoint, or not (the reference)."""
+
+    def __init__(self, inner: nn.Module, use_reentrant: bool):
+        super().__init__()
+        self.inner, self.use_reentrant, self.checkpointing = inner, use_reentrant, True
+
+    def forward(self, x):
+        if self.checkpointing:
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.use_reentrant)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("door", ["eager", "compile"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["2d", "norm-act"])
+def test_checkpointed_blocks_update_their_statistics_once_a_step(kind, reentrant, door):
+    """Converted batch norms under torch.utils.checkpoint: the backward's recomputation writes
+    no state, eagerly too (torch's own batch norm would update twice)."""
+    model = Checkpointed(models()[kind], reentrant).double()
+    reference = copy.deepcopy(model)
+    reference.checkpointing = False
+    reference = chunk_loop_model(reference, GHOST)
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    net = model if door == "eager" else torch.compile(model, backend="aot_eager")
+    inputs = [torch.randn(batch, *SHAPES[kind], dtype=torch.float64, requires_grad=True) for batch in (10, 7)]
+    assert_steps_equal(model, reference, net, inputs)
+    counters = [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert counters[0] == 3 + 2  # chunks of the two steps
