@@ -18,6 +18,9 @@ callback), bnfx looks at the modules that frame holds:
   (``torch._dynamo.trace_rules.check_verbose``): such an inner module that contains batch
   norm gets a forward pre-hook that changes nothing, and from then on (the same first step)
   its forward is a frame Dynamo compiles for bnfx.
+
+``bnfx.frame_watch.enabled = False`` turns the watcher off (those batch norms then run plain
+under the bnfx backend, or break its graph); ``bnfx.convert`` needs no watcher.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from bnfx.traceable_forward import give_traceable_forwards
 
 log = logging.getLogger("bnfx")
 _opened: weakref.WeakSet = weakref.WeakSet()
+enabled = True  # False: bnfx looks at no frame Dynamo compiles
 
 
 def mark_bnfx_backend(fn):
@@ -70,6 +74,8 @@ class _KeepsWatcher(list):
 
 
 def _on_compile_start(_args) -> None:
+    if not enabled:
+        return
     try:
         frame, options = _frame_compiled_by_bnfx()
         if frame is not None:

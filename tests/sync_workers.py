@@ -456,9 +456,25 @@ def _form(form: str) -> nn.Module:
         from checkpointed import CheckpointedBlocks
 
         return CheckpointedBlocks(CHANNELS, use_reentrant=form.endswith("reentrant"))
+    if form == "data-dependent":
+        return DataDependent()
+    if form == "timm-norm-act":  # BatchNormAct2d layers: batch norm and activation, one module
+        import timm
+
+        return timm.create_model("test_efficientnet", num_classes=4)
     import torchvision
 
     return torchvision.models.resnet18(num_classes=4)
+
+
+class DataDependent(ThreeBatchNorms):
+    """Control flow on the data: no tracer takes it whole (Dynamo breaks its graph there)."""
+
+    def forward(self, x):
+        x = self.bn1(self.conv(x)).relu()
+        if x.abs().sum() > 0:  # true for the test's data, but only the data says so
+            x = self.bn2(x)
+        return self.bn3(x.mean((2, 3)))
 
 
 def compiled_ddp_forms(rank: int, world_size: int, form: str, inner: str, sizes=(5, 3), steps=2) -> int:
@@ -592,18 +608,34 @@ def small_rank_batches(rank: int, world_size: int, variant: str, sizes: list[int
         torch.testing.assert_close(model.state_dict()[key], value, **TOL, msg=key)
 
 
-def converted(rank: int, world_size: int, order: str, compiled: bool, sizes=(5, 3), steps=2) -> None:
-    """``bnfx.convert(sync=True)`` on a top-level nn.Sequential under DDP, converted before or
-    after wrapping (``order``), eager or compiled with aot_eager (no bnfx backend): ``steps``
-    SGD steps equal one process on the concatenated batch (float64)."""
+def converted(rank: int, world_size: int, form: str, variants, sizes=(5, 3), steps=2) -> None:
+    """``bnfx.convert(sync=True)`` on ``form`` under DDP, for each ``(order, compiler, watch)``
+    of ``variants``: converted before or after wrapping; eager (compiler None) or
+    ``torch.compile(backend=compiler)`` ("bnfx": bnfx's backend too); ``watch`` False:
+    ``bnfx.frame_watch`` turned off. Each: ``steps`` SGD steps equal one process on the
+    concatenated batch (float64)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    reference = _form("sequential").double()
-    model = copy.deepcopy(reference)
-    net = DDP(bnfx.convert(model, sync=True)) if order == "convert-then-ddp" else bnfx.convert(DDP(model), sync=True)
-    if compiled:
-        net = torch.compile(net, backend="aot_eager")
-    _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, f"convert, {order}, compiled={compiled}")
+    from bnfx import frame_watch
+
+    for order, compiler, watch in variants:
+        frame_watch.enabled = watch
+        reference = _form(form).double()
+        model = copy.deepcopy(reference)
+        if form.startswith("checkpointed"):  # the reference recomputes nothing: it updates its statistics once
+            reference.checkpointing = False
+        if order == "convert-then-ddp":
+            net = DDP(bnfx.convert(model, sync=True))
+        else:
+            net = bnfx.convert(DDP(model), sync=True)
+        torch._dynamo.reset()
+        if compiler == "bnfx":
+            net = torch.compile(net, backend="bnfx", options={"sync": True, "inner": "aot_eager"})
+        elif compiler is not None:
+            net = torch.compile(net, backend=compiler)
+        where = f"convert {form}, {order}, compiler={compiler}, frame_watch={watch}"
+        _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, where)
+    frame_watch.enabled = True
 
 
 def _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, where) -> None:

@@ -108,13 +108,24 @@ def test_bad_options_change_nothing():
         bnfx.convert(3)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("order", ["convert-then-ddp", "ddp-then-convert"])
-def test_sync_under_ddp_in_both_orders(order, compiled):
+# (order, compiler, frame_watch): eager in both orders, inductor (no bnfx backend), and the
+# bnfx backend with and without its frame watcher
+SYNC_VARIANTS = [
+    ("convert-then-ddp", None, True), ("ddp-then-convert", None, True), ("convert-then-ddp", "inductor", True),
+    ("ddp-then-convert", "bnfx", True), ("convert-then-ddp", "bnfx", False),
+]
+
+
+@pytest.mark.parametrize("form", ["sequential", "data-dependent", "resnet18", "timm-norm-act"])
+def test_sync_under_ddp_equals_one_process(form):
+    """2 gloo ranks of 5 and 3 samples, float64, 2 SGD steps per variant: outputs, input grads,
+    parameters and buffers equal one process on the concatenated batch."""
     import sync_workers
     from gloo_world import run_world
 
-    run_world(sync_workers.converted, 2, order, compiled, timeout=300)
+    if form == "timm-norm-act":
+        pytest.importorskip("timm")
+    run_world(sync_workers.converted, 2, form, SYNC_VARIANTS, timeout=900)
 
 
 class Checkpointed(nn.Module):
@@ -146,3 +157,15 @@ def test_checkpointed_blocks_update_their_statistics_once_a_step(kind, reentrant
     assert_steps_equal(model, reference, net, inputs)
     counters = [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert counters[0] == 3 + 2  # chunks of the two steps
+
+
+@pytest.mark.parametrize("form", ["checkpointed", "checkpointed-reentrant"])
+def test_sync_checkpointed_blocks_update_once_on_every_rank(form):
+    """Converted sync batch norms under torch.utils.checkpoint, 2 ranks under DDP, eager and
+    compiled: the recomputation's collectives match on both ranks, and the statistics move
+    once a step, as the model without checkpointing."""
+    import sync_workers
+    from gloo_world import run_world
+
+    variants = [("convert-then-ddp", None, True), ("ddp-then-convert", "aot_eager", True)]
+    run_world(sync_workers.converted, 2, form, variants, timeout=600)
