@@ -4,6 +4,7 @@
     gm = bnfx.transform(torch.fx.symbolic_trace(model), ghost_batch_size=32)
     ep = bnfx.transform(torch.export.export(model, (x,)), ghost_batch_size=32)
     bnfx.convert(model, ghost_batch_size=32)   # in place, for eager trainers; bnfx.revert(model)
+    print(bnfx.explain_convert(model, sync=True))   # what convert would do, changing nothing
     bnfx.recompute_statistics(model, loader, num_batches=200)   # PreciseBN, sync-aware
     folded = bnfx.fold(torch.export.export(model.eval(), (x,)))   # BN folded into conv/linear
 
@@ -12,7 +13,7 @@ The ``bnfx`` command (demo, inspect, export) is ``bnfx.cli``.
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
 from bnfx.compile_backend import backend
-from bnfx.convert import convert, revert
+from bnfx.convert import convert, explain_convert, revert
 from bnfx.fold import explain_fold, fold
 from bnfx.options import Options, resolve_options
 from bnfx.passes import Report, find_sites
@@ -20,6 +21,6 @@ from bnfx.population_statistics import recompute_statistics
 from bnfx.transform import explain, trace, transform
 
 __all__ = [
-    "Options", "Report", "backend", "convert", "explain", "explain_fold", "find_sites", "fold", "recompute_statistics", "resolve_options", "revert",
-    "trace", "transform",
+    "Options", "Report", "backend", "convert", "explain", "explain_convert", "explain_fold", "find_sites", "fold",
+    "recompute_statistics", "resolve_options", "revert", "trace", "transform",
 ]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -23,6 +25,7 @@ from bnfx.functional import (
     sync_own_forward,
 )
 from bnfx.options import resolve_options
+from bnfx.passes.report import Report
 from bnfx.passes.rewrite import has_own_forward
 from bnfx.process_groups import sync_group
 
@@ -48,24 +51,69 @@ def convert(model: nn.Module, **options) -> nn.Module:
     >>> model = bnfx.convert(model, ghost_batch_size=32)      # or sync=True
     >>> ddp = DDP(model)                                      # or bnfx.convert(DDP(model), sync=True)
     """
+    modules, conversion = _plan(model, options, create=True)
+    for _, module in modules:
+        module.forward = functools.partial(converted_forward, module, conversion)
+    _warn_cpu_sync_batch_norm(model, modules)
+    if conversion.action is None and modules:
+        names = ", ".join(name or type(model).__name__ for name, _ in modules)
+        log.warning("bnfx: %d batch-norm modules stay plain batch norm (%s): %s", len(modules), conversion.reason, names)
+    return model
+
+
+def explain_convert(model: nn.Module, **options) -> Report:
+    """What ``convert(model, **options)`` would make each batch-norm module compute, changing
+    nothing; ``print`` it for a table. No collective: one rank alone may call it.
+
+    >>> print(bnfx.explain_convert(model, sync=True))
+    """
+    modules, conversion = _plan(model, options, create=False)
+    report = Report(done="converted")
+    for name, module in modules:
+        site = SimpleNamespace(name=name or type(model).__name__, form=type(module).__name__)
+        if conversion.action is None:
+            report.left_alone(site, conversion.reason)
+            continue
+        detail = f"ghost_batch_size={conversion.ghost_batch_size}" if conversion.action == "ghost" else ""
+        if has_own_forward(module):
+            detail += ("; " if detail else "") + "its own forward runs, its F.batch_norm calls redirected"
+        report.rewritten(site, conversion.action, detail)
+    return report
+
+
+def _plan(model: nn.Module, options: dict, *, create: bool) -> tuple[list[tuple[str, _BatchNorm]], Conversion]:
+    """The batch-norm modules of ``model`` and what they are to compute; ``create``: sync
+    mode's communicator too (a collective)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     opts = resolve_options(options)
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if opts.mode == "ghost":
-        conversion = Conversion("ghost", ghost_batch_size=opts.ghost_batch_size)
-    elif opts.freeze:
-        conversion = Conversion("frozen")
-    else:
-        plan = f"{len(modules)} converted batch-norm modules ({opts.describe()})"
-        group, reason = sync_group(opts.sync, opts.group_size, plan=plan)
-        conversion = Conversion("sync", group_name=group.name) if group else Conversion(None, reason=reason)
-    for _, module in modules:
-        module.forward = functools.partial(converted_forward, module, conversion)
-    if conversion.action is None and modules:
-        names = ", ".join(name or type(model).__name__ for name, _ in modules)
-        log.warning("bnfx: %d batch-norm modules stay plain batch norm (%s): %s", len(modules), conversion.reason, names)
-    return model
+        return modules, Conversion("ghost", ghost_batch_size=opts.ghost_batch_size)
+    if opts.freeze:
+        return modules, Conversion("frozen")
+    plan = f"{len(modules)} converted batch-norm modules ({opts.describe()})"
+    group, reason = sync_group(opts.sync, opts.group_size, plan=plan, create=create)
+    return modules, Conversion("sync", group_name=group.name) if group else Conversion(None, reason=reason)
+
+
+def _warn_cpu_sync_batch_norm(model: nn.Module, modules) -> None:
+    """DDP refuses nn.SyncBatchNorm modules on CPU (whatever computes them): say what to do."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    on_cpu = [name or type(model).__name__ for name, m in modules
+              if isinstance(m, nn.SyncBatchNorm) and any(t.device.type == "cpu" for t in _tensors(m))]
+    if on_cpu:
+        log.warning(
+            "bnfx: %d nn.SyncBatchNorm modules on CPU (%s), which DistributedDataParallel refuses; convert the "
+            "model with torch's BatchNorm modules instead, without nn.SyncBatchNorm.convert_sync_batchnorm "
+            "(Trainer(sync_batchnorm=True), timm's --sync-bn): bnfx.convert(model, sync=True) synchronizes them",
+            len(on_cpu), ", ".join(on_cpu[:3]) + (", ..." if len(on_cpu) > 3 else ""),
+        )
+
+
+def _tensors(module: nn.Module):
+    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
 
 
 def revert(model: nn.Module) -> nn.Module:

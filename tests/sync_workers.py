@@ -663,3 +663,24 @@ def _ddp_steps_equal(net, model, reference, rank, world_size, sizes, steps, wher
         expected = dict(list(reference.named_parameters()) + list(reference.named_buffers()))
         for name, value in list(model.named_parameters()) + list(model.named_buffers()):
             torch.testing.assert_close(value, expected[name], msg=lambda m: f"{at}: {name}\n{m}")
+
+
+def cpu_sync_batchnorm_under_ddp(rank: int, world_size: int) -> dict[str, str]:
+    """A model from nn.SyncBatchNorm.convert_sync_batchnorm on CPU, converted by bnfx, then
+    wrapped in DDP: bnfx's warning, and DDP's error."""
+    import logging
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("bnfx").addHandler(handler)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    bnfx.convert(model, sync=True)
+    try:
+        DDP(model)
+        error = ""
+    except ValueError as raised:
+        error = str(raised)
+    return {"warnings": [r.getMessage() for r in records if r.levelname == "WARNING"], "error": error}

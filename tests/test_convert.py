@@ -169,3 +169,27 @@ def test_sync_checkpointed_blocks_update_once_on_every_rank(form):
 
     variants = [("convert-then-ddp", None, True), ("ddp-then-convert", "aot_eager", True)]
     run_world(sync_workers.converted, 2, form, variants, timeout=600)
+
+
+def test_cpu_sync_batchnorm_models_get_one_line_saying_what_to_do():
+    import sync_workers
+    from gloo_world import run_world
+
+    for result in run_world(sync_workers.cpu_sync_batchnorm_under_ddp, 2):
+        assert result["error"] == "SyncBatchNorm layers only work with GPU modules"
+        [warning] = result["warnings"]
+        assert warning.startswith("bnfx: 1 nn.SyncBatchNorm modules on CPU (1), which DistributedDataParallel refuses")
+        assert "without nn.SyncBatchNorm.convert_sync_batchnorm" in warning
+
+
+def test_explain_convert_says_what_convert_would_do_and_changes_nothing():
+    model = models()["norm-act"]
+    report = bnfx.explain_convert(model, ghost_batch_size=GHOST)
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [r.name for r in report] == [name for name, _ in modules] and len(report) > 0
+    assert {r.action for r in report} == {"ghost"} and report.rewritten_count == len(modules)
+    assert all("its own forward runs" in r.reason for r in report)
+    assert "batch-norm sites, %d converted" % len(modules) in str(report)
+    assert not any("forward" in vars(m) for m in model.modules())
+    plain = bnfx.explain_convert(models()["2d"], sync=True)  # no process group: nothing to synchronize over
+    assert [r.action for r in plain] == ["left alone"] * 2 and "no initialized process group" in plain.records[0].reason
