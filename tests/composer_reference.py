@@ -24,3 +24,16 @@ def assert_steps_equal(model: nn.Module, reference: nn.Module, net, inputs) -> N
         reference.zero_grad()
     for key, value in unwrapped_state(reference).items():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
+def trained(model: nn.Module, steps) -> tuple[list, dict]:
+    """SGD steps of ``model`` on ``(input, upstream gradient)`` pairs: the outputs, then the state."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs = []
+    for x, grad in steps:
+        out = model(x)
+        out.backward(grad)
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(out.detach())
+    return outputs, {key: value.detach().clone() for key, value in model.state_dict().items()}

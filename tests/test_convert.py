@@ -13,7 +13,7 @@ import bnfx
 from bnfx import compile_backend
 from bnfx.chunk_loop import chunk_loop_model, unwrapped_state
 from bnfx.convert import conversion_of
-from composer_reference import assert_steps_equal
+from composer_reference import assert_steps_equal, trained
 from norm_act import norm_act_model
 
 GHOST = 4
@@ -193,3 +193,37 @@ def test_explain_convert_says_what_convert_would_do_and_changes_nothing():
     assert not any("forward" in vars(m) for m in model.modules())
     plain = bnfx.explain_convert(models()["2d"], sync=True)  # no process group: nothing to synchronize over
     assert [r.action for r in plain] == ["left alone"] * 2 and "no initialized process group" in plain.records[0].reason
+
+
+def test_exported_and_pickled_models_train_equal_in_a_fresh_process(tmp_path):
+    """The exported program (torch.export.save) and the pickled model, loaded in a process that
+    imports bnfx, train two SGD steps equal to the converted module here."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    model = bnfx.convert(models()["norm-act"].double(), ghost_batch_size=GHOST)
+    torch.manual_seed(1)
+    steps = [(torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64))  # [N, classes]
+             for _ in range(2)]
+    torch.save(steps, tmp_path / "steps.pt")
+    torch.export.save(torch.export.export(copy.deepcopy(model), (steps[0][0],)), tmp_path / "model.pt2")
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    script = textwrap.dedent(f"""
+        import pickle, torch, bnfx
+        from composer_reference import trained
+        steps = torch.load({str(tmp_path / 'steps.pt')!r})
+        loaded = {{"exported": torch.export.load({str(tmp_path / 'model.pt2')!r}).module(),
+                   "pickled": pickle.loads(open({str(tmp_path / 'model.pkl')!r}, "rb").read())}}
+        torch.save({{name: trained(module, steps) for name, module in loaded.items()}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}  # the model's classes are the tests'
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, env=env)
+    expected_outputs, expected_state = trained(model, steps)
+    for name, (outputs, state) in torch.load(tmp_path / "out.pt").items():
+        for output, expected in zip(outputs, expected_outputs):
+            torch.testing.assert_close(output, expected, msg=name)
+        assert set(state) == set(expected_state), name
+        for key, value in expected_state.items():
+            torch.testing.assert_close(state[key], value, msg=f"{name}: {key}")
