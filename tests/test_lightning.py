@@ -15,7 +15,7 @@ pl = pytest.importorskip("pytorch_lightning")
 import bnfx.lightning  # noqa: E402
 import lightning_models  # noqa: E402
 from bnfx.chunk_loop import chunk_loop_model, unwrapped_state  # noqa: E402
-from lightning_models import BATCH, Data, Regression, SaveState, reference_training  # noqa: E402
+from lightning_models import BATCH, CompiledRegression, Data, Regression, SaveState, reference_training  # noqa: E402
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
@@ -25,8 +25,10 @@ def _trainer(package, tmp_path, **kwargs):
     return L.Trainer(accelerator="cpu", precision="64-true", default_root_dir=str(tmp_path), **QUIET, **kwargs)
 
 
-def _rank_states(tmp_path, world_size=2):
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+def _rank_states(tmp_path, world_size=2, graphs=0):
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    assert [state.pop("graphs") for state in states] == [graphs] * world_size
+    return states
 
 
 def _assert_state_equal(state, reference: dict, **tolerance):
@@ -59,6 +61,17 @@ def test_sync_plugin_fits_equal_to_one_process_and_resumes(tmp_path):
     resumed.fit(Regression(), Data(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
     for state in _rank_states(tmp_path):
         _assert_state_equal(state, expected)
+
+
+def test_sync_plugin_with_the_network_compiled(tmp_path):
+    reference = reference_training(lightning_models.network(), epochs=1, world_size=2)
+    trainer = _trainer(
+        "pytorch_lightning", tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1, limit_val_batches=0,
+        plugins=[bnfx.lightning.SyncBatchNorm()], callbacks=[SaveState(str(tmp_path))], enable_checkpointing=False,
+    )
+    trainer.fit(CompiledRegression(), Data())
+    for state in _rank_states(tmp_path, graphs=1):  # one graph, no break per layer
+        _assert_state_equal(state, {f"net.{k}": v for k, v in reference.state_dict().items()})
 
 
 def test_precise_bn_leaves_the_population_statistics_on_every_rank(tmp_path):
