@@ -28,6 +28,9 @@ _warned: set[type] = set()
 # will do, the batch-norm call it feeds is redirected with momentum=None.
 _READ_COUNT = (Tensor.__float__, Tensor.item)
 _UNUSED_COUNT = 1.0
+# How a forward adds one to its counter: skipped, the bnfx op counts (and a recomputation
+# that checkpointing stops early, inside the op, leaves no increment behind)
+_COUNT = (Tensor.add_, Tensor.__iadd__)
 
 
 def run_own_forward(module: _BatchNorm, batch_norm, options: dict, *args, every_call: bool = False, forward=None,
@@ -65,7 +68,10 @@ class _Redirect(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.cumulative and func in _READ_COUNT and args[0] is self.module.num_batches_tracked:
+        counter = self.start_count is not None and args and args[0] is self.module.num_batches_tracked
+        if counter and func in _COUNT:
+            return args[0]
+        if counter and self.cumulative and func in _READ_COUNT:
             return _UNUSED_COUNT
         if func is F.batch_norm:
             a = _BATCH_NORM.bind(*args, **kwargs)

@@ -227,3 +227,22 @@ def test_exported_and_pickled_models_train_equal_in_a_fresh_process(tmp_path):
         assert set(state) == set(expected_state), name
         for key, value in expected_state.items():
             torch.testing.assert_close(state[key], value, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_ghost_compiled_fullgraph_with_other_backends(backend):
+    model = models()["norm-act"].double()
+    reference = chunk_loop_model(model, GHOST)
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    net = torch.compile(model, backend=backend, fullgraph=True)
+    assert_steps_equal(model, reference, net, [torch.randn(10, *SHAPES["norm-act"], dtype=torch.float64)])
+
+
+def test_timm_grad_checkpointing_updates_once_a_step():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=4).double()
+    reference = chunk_loop_model(model, GHOST)
+    model.set_grad_checkpointing(True)
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    assert_steps_equal(model, reference, model, [torch.randn(10, 3, 32, 32, dtype=torch.float64, requires_grad=True)])
