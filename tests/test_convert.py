@@ -246,3 +246,19 @@ def test_timm_grad_checkpointing_updates_once_a_step():
     model.set_grad_checkpointing(True)
     bnfx.convert(model, ghost_batch_size=GHOST)
     assert_steps_equal(model, reference, model, [torch.randn(10, 3, 32, 32, dtype=torch.float64, requires_grad=True)])
+
+
+@pytest.mark.parametrize("door", ["eager", "compile"])
+def test_lazy_modules_initialize_on_their_first_call(door):
+    from bnfx.chunk_loop import ChunkLoopBatchNorm
+
+    def lazy_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.LazyBatchNorm2d(momentum=None)).double()
+
+    model, reference = lazy_model(), lazy_model()  # uninitialized lazy modules do not deepcopy
+    reference[1], reference[2] = (ChunkLoopBatchNorm(reference[i], GHOST) for i in (1, 2))
+    bnfx.convert(model, ghost_batch_size=GHOST)
+    net = model if door == "eager" else torch.compile(model, backend="aot_eager")
+    assert_steps_equal(model, reference, net, [torch.randn(batch, 3, 6, 6, dtype=torch.float64) for batch in (10, 8)])
+    assert type(model[1]) is nn.BatchNorm2d and conversion_of(model[1]).ghost_batch_size == GHOST
