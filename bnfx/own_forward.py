@@ -12,7 +12,6 @@ counter: no host synchronization, and nothing data-dependent for torch.export or
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
@@ -21,8 +20,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from bnfx.call_arguments import functional_arguments
+
 log = logging.getLogger("bnfx")
-_BATCH_NORM = inspect.signature(F.batch_norm)
 _warned: set[type] = set()
 # How a forward reads its counter for ``momentum=None``, and what it gets back: any count
 # will do, the batch-norm call it feeds is redirected with momentum=None.
@@ -68,20 +68,14 @@ class _Redirect(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        counter = self.start_count is not None and args and args[0] is self.module.num_batches_tracked
-        if counter and func in _COUNT:
+        on_counter = self.start_count is not None and args and args[0] is self.module.num_batches_tracked
+        if on_counter and func in _COUNT:
             return args[0]
-        if counter and self.cumulative and func in _READ_COUNT:
+        if on_counter and self.cumulative and func in _READ_COUNT:
             return _UNUSED_COUNT
-        if func is F.batch_norm:
-            a = _BATCH_NORM.bind(*args, **kwargs)
-            a.apply_defaults()
-            call = a.arguments
-        elif func is torch.batch_norm:  # aten's order: weight and bias before the statistics
-            names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
-            call = dict(zip(names, args))
-        else:
+        if func not in (F.batch_norm, torch.batch_norm):
             return func(*args, **kwargs)
+        call = functional_arguments(func, args, kwargs)
         module = self.module
         own_state = call["running_mean"] is module.running_mean and call["running_mean"] is not None
         redirected = own_state if self.every_call else call["training"] and (own_state or call["running_mean"] is None)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfx.passes.sites import OP_FORMS, schema_arguments
+from bnfx.call_arguments import schema_arguments
+from bnfx.passes.sites import OP_FORMS
 from bnfx.process_groups import named_group
 
 _SAVED = ("save_mean", "save_invstd")

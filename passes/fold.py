@@ -10,9 +10,10 @@ from typing import Callable, Protocol
 import torch
 from torch import fx, nn
 
+from bnfx.call_arguments import schema_arguments
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import TRAINING_IN_GRAPH, USES_SAVED_STATISTICS, has_own_forward
-from bnfx.passes.sites import BatchNormSite, find_sites, module_path, output_name, schema_arguments
+from bnfx.passes.sites import BatchNormSite, find_sites, module_path, output_name
 
 A = torch.ops.aten
 

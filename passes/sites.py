@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import operator
 import re
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.module_batch_norm)
+from bnfx.call_arguments import functional_arguments, schema_arguments
 from bnfx.passes.subgraphs import attribute, graph_modules
 
 
@@ -65,7 +65,6 @@ OP_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}
 # The outputs that only batch norm's own backward reads.
 SAVED_OUTPUTS = (*_SAVED, "reserve")
 
-_FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 @dataclass
@@ -112,17 +111,13 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
         return None
     if node.op != "call_function":
         return None
-    if node.target is F.batch_norm:
-        bound = _FUNCTIONAL_SIGNATURE.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+    if node.target in (F.batch_norm, torch.batch_norm):
+        a = functional_arguments(node.target, node.args, node.kwargs)
+        form = "F.batch_norm" if node.target is F.batch_norm else "torch.batch_norm"
         return _functional_site(
-            gm, node, "F.batch_norm", a["input"], a["weight"], a["bias"], a["running_mean"],
-            a["running_var"], a["training"], a["momentum"], a["eps"],
+            gm, node, form, a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["training"],
+            a["momentum"], a["eps"],
         )
-    if node.target is torch.batch_norm:  # aten's argument order, no schema to read
-        x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
-        return _functional_site(gm, node, "torch.batch_norm", x, weight, bias, mean, var, training, momentum, eps)
     form = _FORMS_BY_OP.get(node.target)
     if form is None:
         return None
@@ -134,19 +129,6 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | None:
     )
     site.group_name = a.get("group_name")
     return site
-
-
-def schema_arguments(op, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A call's arguments by their names in ``op``'s schema, defaults filled in."""
-    arguments = {}
-    for position, argument in enumerate(op._schema.arguments):
-        if position < len(args):
-            arguments[argument.name] = args[position]
-        elif argument.name in kwargs:
-            arguments[argument.name] = kwargs[argument.name]
-        elif argument.has_default_value():
-            arguments[argument.name] = argument.default_value
-    return arguments
 
 
 def tuple_outputs(site: BatchNormSite) -> tuple[str, ...] | None:
