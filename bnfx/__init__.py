@@ -11,7 +11,10 @@
 The ``bnfx`` command (demo, inspect, export) is ``bnfx.cli``.
 """
 
+import torch
+
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
+from bnfx.torch_internals import check_torch_version
 from bnfx.compile_backend import backend
 from bnfx.convert import convert, explain_convert, revert
 from bnfx.fold import explain_fold, fold
@@ -19,6 +22,8 @@ from bnfx.options import Options, resolve_options
 from bnfx.passes import Report, find_sites
 from bnfx.population_statistics import recompute_statistics
 from bnfx.transform import explain, trace, transform
+
+check_torch_version(torch.__version__)
 
 __all__ = [
     "Options", "Report", "backend", "convert", "explain", "explain_convert", "explain_fold", "find_sites", "fold",

@@ -25,7 +25,6 @@ under the bnfx backend, or break its graph); ``bnfx.convert`` needs no watcher.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import weakref
@@ -35,11 +34,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from bnfx import torch_internals
 from bnfx.options import resolve_backend_options
 from bnfx.traceable_forward import give_traceable_forwards
 
 log = logging.getLogger("bnfx")
 _opened: weakref.WeakSet = weakref.WeakSet()
+_said: set[str] = set()  # the kinds of inspection failure already warned about
 enabled = True  # False: bnfx looks at no frame Dynamo compiles
 
 
@@ -57,9 +58,9 @@ def watch() -> None:
     whose ``clear`` keeps bnfx's watcher (which acts on bnfx's frames only) and clears every
     other callback as before.
     """
-    import torch._dynamo
-
-    handler = torch._dynamo.callback_handler
+    if not torch_internals.dynamo_frames():
+        return
+    handler = torch_internals.dynamo_start_callbacks()
     if not isinstance(handler.start_callbacks, _KeepsWatcher):
         handler.start_callbacks = _KeepsWatcher(handler.start_callbacks)
     if _on_compile_start not in handler.start_callbacks:
@@ -85,28 +86,34 @@ def _on_compile_start(_args) -> None:
             for module in _modules_in(frame.f_locals.values()):
                 give_traceable_forwards(module, every_module=every_module)
                 _open_inner_frames(module)
-    except Exception:  # noqa: BLE001 - a watcher must never break a compile
-        log.debug("bnfx: could not inspect the frame Dynamo compiles", exc_info=True)
+    except Exception as error:  # noqa: BLE001 - a watcher must never break a compile
+        _cannot_inspect(error)
+
+
+def _cannot_inspect(error: Exception) -> None:
+    if error.__class__.__name__ in _said:
+        return
+    _said.add(error.__class__.__name__)
+    log.warning(
+        "bnfx: could not inspect the frame Dynamo compiles (%s: %s), so its momentum=None and nn.SyncBatchNorm "
+        "modules, and DDP over nn.Sequential, may run plain batch norm under the bnfx backend; bnfx.convert(model, "
+        "...) and bnfx.transform work without it",
+        type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG),
+    )
 
 
 def _frame_compiled_by_bnfx():
     """``(frame, options)``: the frame that the Dynamo compile on this thread's stack compiles
     and the bnfx options it compiles with, when the backend is bnfx's; else ``(None, None)``."""
-    compile_code = inspect.unwrap(torch._dynamo.convert_frame._compile).__code__
-    caller = sys._getframe(1)
-    while caller is not None and caller.f_code is not compile_code:
-        caller = caller.f_back
-    if caller is None:
+    frame, compiler_fn = torch_internals.dynamo_compiling(sys._getframe(1))
+    if frame is None:
         return None, None
-    compiler_fn = caller.f_locals.get("compiler_fn")
-    wrapper = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
-    backend = getattr(wrapper, "compiler_fn", wrapper)  # torch.compile's wrapper of a backend name
+    backend, given = torch_internals.dynamo_backend_of(compiler_fn)
     if not getattr(backend, "_bnfx_backend", False):
         return None, None
     # bnfx.backend(...)'s own options, and those torch.compile(..., options=...) passes on, as
     # the backend merges them
-    given = (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
-    return caller.f_locals.get("frame"), {**getattr(backend, "_bnfx_options", {}), **given}
+    return frame, {**getattr(backend, "_bnfx_options", {}), **given}
 
 
 def _sync_mode(options: dict) -> bool:

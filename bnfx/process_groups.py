@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
+
+from bnfx.torch_internals import group_timeout, resolve_process_group
 
 # Why sync mode runs plain batch norm, as torch's SyncBatchNorm does.
 NO_PROCESS_GROUP = "no initialized process group: plain batch norm"
@@ -63,7 +64,7 @@ def named_group(sync) -> dist.ProcessGroup:
     if isinstance(sync, dist.ProcessGroup):
         return sync
     try:
-        return dist.distributed_c10d._resolve_process_group(sync)
+        return resolve_process_group(sync)
     except Exception as error:
         raise ValueError(f"sync={sync!r} names no process group of this process") from error
 
@@ -80,7 +81,7 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: s
         return _communicators[key]
     index = ranks.index(dist.get_rank()) // size
     block = ranks[index * size : (index + 1) * size]
-    timeout = _timeout(group)
+    timeout = group_timeout(group)
     try:
         communicator = dist.new_group(
             block, timeout=timeout, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}"
@@ -102,13 +103,3 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: s
         )
     _communicators[key] = communicator
     return communicator
-
-
-def _timeout(group: dist.ProcessGroup):
-    """``group``'s collective timeout (None: torch's default), for a communicator beside it."""
-    for device_type in group._device_types:
-        try:
-            return group._get_backend(torch.device(device_type)).options._timeout
-        except (AttributeError, RuntimeError):
-            continue
-    return None

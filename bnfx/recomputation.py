@@ -7,28 +7,20 @@ checkpointing does (and a compiled checkpointed model, whose backward recomputes
 normalization, not the update): the second run writes no state. bnfx knows the second run
 two ways: a region ``bnfx.trace`` kept runs it under ``run_checkpointed``; any other (a
 ``bnfx.convert`` model checkpointed eagerly, reentrant or not) runs while autograd's engine
-runs a backward, which torch tells through one private function, checked here once.
+runs a backward, which torch tells through one private function (``bnfx.torch_internals``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 
 import torch
 import torch.utils.checkpoint
 
-log = logging.getLogger("bnfx")
+from bnfx.torch_internals import in_backward
+
 _local = threading.local()
-# -1 outside a backward; torch's own ModuleTracker.is_bw and FSDP read it the same way
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-if _graph_task_id is None:
-    log.warning(
-        "bnfx: this torch has no torch._C._current_graph_task_id, so bnfx cannot tell activation "
-        "checkpointing's recomputation in eager mode: converted batch norms in checkpointed code update "
-        "their running statistics twice a step there, as torch's batch norm does"
-    )
 
 
 def recomputing() -> bool:
@@ -36,7 +28,7 @@ def recomputing() -> bool:
     a region kept by ``bnfx.trace``, or any forward run eagerly inside a backward."""
     if getattr(_local, "depth", 0) > 0:
         return True
-    return _graph_task_id is not None and not torch.compiler.is_compiling() and _graph_task_id() != -1
+    return not torch.compiler.is_compiling() and bool(in_backward())
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from torch.fx.node import map_aggregate
 
 from bnfx.functional import RUNTIME_FUNCTIONS
 from bnfx.recomputation import run_checkpointed
+from bnfx.torch_internals import set_graph_tracer
 
 log = logging.getLogger("bnfx")
 _CHECKPOINT = torch.utils.checkpoint.checkpoint
@@ -222,14 +223,7 @@ def _checkpoint_calls_kept(tracer: BatchNormTracer, root):
 def loads_with_bnfx(graph: fx.Graph) -> None:
     """``torch.load`` of a GraphModule over ``graph`` re-traces it with ``BatchNormTracer``.
 
-    fx has no public setter for the tracer class of an existing graph; where a torch release
-    drops the attribute, saving keeps working and loading fails: said once, loudly.
+    fx has no public setter for the tracer class of an existing graph (``bnfx.torch_internals``
+    checks the private one).
     """
-    if hasattr(graph, "_tracer_cls"):
-        graph._tracer_cls = BatchNormTracer
-    elif not getattr(loads_with_bnfx, "warned", False):
-        loads_with_bnfx.warned = True
-        log.warning(
-            "bnfx: this torch's fx.Graph has no _tracer_cls, so a transformed GraphModule saved with torch.save "
-            "cannot be loaded (fx re-traces bnfx's run-time functions); save its state_dict instead"
-        )
+    set_graph_tracer(graph, BatchNormTracer)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
+from bnfx.torch_internals import resolve_process_group
 
 
 def _reduced_dims(input: Tensor) -> tuple[int, ...]:
@@ -41,7 +42,7 @@ def _reduced_dims(input: Tensor) -> tuple[int, ...]:
 
 
 def _group(group_name: str):
-    return dist.distributed_c10d._resolve_process_group(group_name)
+    return resolve_process_group(group_name)
 
 
 def _channel_view(per_channel: Tensor, input: Tensor) -> Tensor:

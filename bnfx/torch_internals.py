@@ -1,0 +1,175 @@
+"""The private torch APIs bnfx relies on where no public one does the job, in one place.
+
+Each is checked once (at import, or for Dynamo's at the backend's first use, since importing
+Dynamo costs a second): when a torch release has changed one, bnfx says at WARNING what no
+longer works and which door still does, and never falls back silently. The torch versions
+bnfx is tested with are declared here and in pyproject.toml (a test compares them); ``import
+bnfx`` under another version warns once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("bnfx")
+
+# [lowest, first unsupported) (major, minor): pyproject.toml's "torch>=2.14,<2.15"
+SUPPORTED_TORCH = ((2, 14), (2, 15))
+
+
+def check_torch_version(version: str) -> bool:
+    """Whether bnfx is tested with torch ``version``; WARNING once where it is not."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    low, high = SUPPORTED_TORCH
+    if match and low <= (int(match[1]), int(match[2])) < high:
+        return True
+    log.warning(
+        "bnfx: torch %s is outside the versions bnfx is tested with (>=%d.%d,<%d.%d); the private torch APIs "
+        "bnfx uses are checked, and a WARNING names what no longer works",
+        version, *low, *high,
+    )
+    return False
+
+
+def _missing(what: str, consequence: str) -> None:
+    log.warning("bnfx: this torch (%s) has no %s: %s", torch.__version__, what, consequence)
+
+
+# -- autograd: is a backward running? (torch's own ModuleTracker.is_bw reads the same)
+
+_graph_task_id: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+if _graph_task_id is None:
+    _missing(
+        "torch._C._current_graph_task_id",
+        "a bnfx.convert model under eager activation checkpointing updates its running statistics twice a step, "
+        "as torch's batch norm does; bnfx.transform (which keeps checkpointed regions) and torch.compile update "
+        "them once",
+    )
+
+
+def in_backward() -> bool | None:
+    """Whether autograd's engine is running a backward on this thread (None: unknown)."""
+    return None if _graph_task_id is None else _graph_task_id() != -1
+
+
+# -- fx: the tracer that re-traces a saved GraphModule's code when it is loaded
+
+_TRACER_ATTRIBUTE = "_tracer_cls"
+if not hasattr(torch.fx.Graph(), _TRACER_ATTRIBUTE):
+    _missing(
+        "fx.Graph._tracer_cls",
+        "a bnfx.transform GraphModule saved with torch.save cannot be loaded (fx re-traces bnfx's run-time "
+        "functions); save its state_dict, or export it (bnfx.transform of a torch.export program saves and loads)",
+    )
+
+
+def set_graph_tracer(graph: torch.fx.Graph, tracer_class: type) -> None:
+    """Make ``torch.load`` of a GraphModule over ``graph`` re-trace it with ``tracer_class``."""
+    if hasattr(graph, _TRACER_ATTRIBUTE):
+        setattr(graph, _TRACER_ATTRIBUTE, tracer_class)
+
+
+# -- distributed: process groups by name, and a group's timeout
+
+_resolve = getattr(dist.distributed_c10d, "_resolve_process_group", None) if dist.is_available() else None
+if dist.is_available() and _resolve is None:
+    _missing(
+        "torch.distributed.distributed_c10d._resolve_process_group",
+        "sync mode cannot find a process group by name (sync='name', or nn.SyncBatchNorm's group); "
+        "pass the ProcessGroup itself",
+    )
+
+
+def resolve_process_group(group_name: str) -> dist.ProcessGroup:
+    """The process group named ``group_name`` (what bnfx's graphs and ops name)."""
+    if _resolve is None:
+        raise RuntimeError(f"this torch ({torch.__version__}) cannot resolve process group {group_name!r} by name")
+    return _resolve(group_name)
+
+
+_timeout_unreadable_said = False
+
+
+def group_timeout(group: dist.ProcessGroup):
+    """``group``'s collective timeout, for a communicator beside it (None: torch's default)."""
+    global _timeout_unreadable_said
+    for device_type in getattr(group, "_device_types", ()):
+        try:
+            return group._get_backend(torch.device(device_type)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    if not _timeout_unreadable_said:
+        _timeout_unreadable_said = True
+        _missing(
+            "readable process-group timeout (ProcessGroup._get_backend(...).options._timeout)",
+            "bnfx's sync communicator waits torch's default timeout, not your group's",
+        )
+    return None
+
+
+# -- Dynamo: its compile-start callbacks, and the frame a compile on this thread compiles
+# (bnfx.frame_watch). Checked when the backend is first looked up.
+
+_dynamo_checked: bool | None = None
+
+
+def dynamo_frames() -> bool:
+    """Whether the Dynamo internals the frame watcher reads are there (WARNING once if not)."""
+    global _dynamo_checked
+    if _dynamo_checked is None:
+        import torch._dynamo
+
+        handler = getattr(torch._dynamo, "callback_handler", None)
+        compile_fn = getattr(getattr(torch._dynamo, "convert_frame", None), "_compile", None)
+        _dynamo_checked = (
+            handler is not None and isinstance(getattr(handler, "start_callbacks", None), list)
+            and hasattr(handler, "register_start_callback") and compile_fn is not None
+        )
+        if not _dynamo_checked:
+            _missing(
+                "Dynamo compile-start callbacks or convert_frame._compile",
+                'torch.compile(model, backend="bnfx") cannot give its batch norms traceable forwards: '
+                "momentum=None and nn.SyncBatchNorm modules, and DDP over nn.Sequential, run plain batch norm. "
+                "bnfx.convert(model, ...) and bnfx.transform work without it",
+            )
+    return _dynamo_checked
+
+
+def dynamo_start_callbacks():
+    """Dynamo's callback handler (its ``start_callbacks`` list and ``register_start_callback``)."""
+    import torch._dynamo
+
+    return torch._dynamo.callback_handler
+
+
+def dynamo_compiling(start) -> tuple[Any, Any]:
+    """``(frame, compiler_fn)`` of the Dynamo compile on the stack from ``start`` up: the frame
+    it compiles and the compiler function torch.compile gave it; ``(None, None)`` where no
+    compile is on the stack (a callback run from elsewhere)."""
+    import inspect
+
+    import torch._dynamo.convert_frame
+
+    code = inspect.unwrap(torch._dynamo.convert_frame._compile).__code__
+    caller = start
+    while caller is not None and caller.f_code is not code:
+        caller = caller.f_back
+    if caller is None:
+        return None, None
+    names = caller.f_locals
+    if "frame" not in names or "compiler_fn" not in names:
+        raise RuntimeError("Dynamo's convert_frame._compile no longer names its locals frame and compiler_fn")
+    return names["frame"], names["compiler_fn"]
+
+
+def dynamo_backend_of(compiler_fn: Any) -> tuple[Any, dict]:
+    """``(backend, options)``: the compiler function torch.compile wraps (a backend name's
+    function, or a callable), and the ``options`` torch.compile passes it."""
+    wrapper = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
+    backend = getattr(wrapper, "compiler_fn", wrapper)
+    return backend, (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
