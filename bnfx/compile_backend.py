@@ -12,7 +12,8 @@ from torch import fx
 
 from bnfx import frame_watch
 from bnfx.options import ENVIRONMENT_VARIABLE, Options, resolve_backend_options
-from bnfx.passes import Report, run_passes
+from bnfx.passes import Report
+from bnfx.rewriting import rewrite_graph
 
 log = logging.getLogger("bnfx")
 _graph_ids = itertools.count()
@@ -59,7 +60,7 @@ def _with_mode(options: dict, mode: str | None) -> dict:
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options):
     frame_watch.watch()
-    report = run_passes(gm, opts)
+    report = rewrite_graph(gm, opts)
     graph_reports.append(report)
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     log.info(

@@ -12,11 +12,12 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind, TensorArgument
 
-from bnfx.passes import Report, run_passes
+from bnfx.passes import Report
 from bnfx.passes.subgraphs import graph_modules
+from bnfx.rewriting import rewrite_graph
 
 
-def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -> tuple[ExportedProgram, Report]:
+def transform_exported(ep: ExportedProgram, options, rewrite=rewrite_graph) -> tuple[ExportedProgram, Report]:
     """``ep`` with its batch-norm sites rewritten; ``ep`` itself is not modified.
 
     Both IRs: the training IR (``aten.batch_norm``, buffers updated in place, where the
@@ -25,7 +26,7 @@ def transform_exported(ep: ExportedProgram, options, *, dry_run: bool = False) -
     BUFFER_MUTATION outputs, now taken from the bnfx op).
     """
     gm = copy.deepcopy(ep.graph_module)
-    report = run_passes(gm, options, dry_run=dry_run)
+    report = rewrite(gm, options)
     _fill_fake_values(gm)
     signature = _without_unchanged_buffers(renamed_signature(ep.graph_signature, gm), gm)
     return program_like(ep, gm, signature), report

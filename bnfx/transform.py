@@ -12,8 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfx.export import transform_exported
 from bnfx.messages import first_line
 from bnfx.options import resolve_options
-from bnfx.passes import Report, run_passes
+from bnfx.passes import Report
 from bnfx.passes.subgraphs import attribute, nested_graph_module
+from bnfx.rewriting import explain_graph, rewrite_graph
 from bnfx.tracing import BatchNormTracer, loads_with_bnfx
 
 
@@ -46,13 +47,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return tracer.graph_module(model, graph, type(model).__name__)
 
 
-def _rewritten_copy(model, options: dict, *, dry_run: bool = False):
+def _rewritten_copy(model, options: dict, rewrite=rewrite_graph):
+    """``model`` rewritten (a copy) by ``rewrite`` (``rewrite_graph`` or ``explain_graph``), and the report."""
     opts = resolve_options(options)
     if isinstance(model, torch.export.ExportedProgram):
-        return transform_exported(model, opts, dry_run=dry_run)
+        return transform_exported(model, opts, rewrite)
     new = graph_copy(_graph_module(model))
-    report = run_passes(new, opts, dry_run=dry_run)
-    return new, report
+    return new, rewrite(new, opts)
 
 
 def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -114,4 +115,4 @@ def explain(model, **options) -> Report:
     It makes no collective call (sync mode's communicator is created by ``transform`` and the
     first compiled step), so one rank alone may call it.
     """
-    return _rewritten_copy(model, options, dry_run=True)[1]
+    return _rewritten_copy(model, options, explain_graph)[1]

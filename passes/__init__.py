@@ -1,4 +1,6 @@
-"""bnfx graph passes. The pipeline for a set of options is the explicit list below."""
+"""bnfx graph passes: pure functions of a graph and options, which rewrite the graph in place
+and report what they did. They warn about nothing and make no collective: the doors
+(``bnfx.rewriting``) resolve sync mode's process groups first and say what stays plain."""
 
 from __future__ import annotations
 
@@ -7,29 +9,22 @@ from torch import fx
 from bnfx.passes.ghost import rewrite_ghost
 from bnfx.passes.report import Report, SiteRecord
 from bnfx.passes.sites import BatchNormSite, find_sites, rewritten_sites
-from bnfx.passes.sync import rewrite_sync
+from bnfx.passes.sync import SyncPlan, plan_sync, rewrite_sync
 
-__all__ = ["BatchNormSite", "Report", "SiteRecord", "find_sites", "pipeline", "run_passes"]
-
-
-def pipeline(options) -> list:
-    """The passes that ``options`` call for, in the order they run."""
-    if options.mode == "ghost":
-        return [rewrite_ghost]
-    return [rewrite_sync]
+__all__ = ["BatchNormSite", "Report", "SiteRecord", "SyncPlan", "find_sites", "plan_sync", "run_passes"]
 
 
-def run_passes(gm: fx.GraphModule, options, *, dry_run: bool = False) -> Report:
+def run_passes(gm: fx.GraphModule, options, groups: dict | None = None) -> Report:
     """Rewrite ``gm`` in place; return what was done to each batch-norm site.
 
-    Sites that stay plain batch norm in training are reported at WARNING level with their
-    reason. ``dry_run`` (``bnfx.explain``): the report only, no warning and no collective call.
+    Sync mode: ``groups`` maps each ``sync`` of ``plan_sync(gm, options).syncs`` to its
+    ``(SyncGroup, "")`` or ``(None, why batch norm stays local)``.
     """
     report = Report()
     for site in rewritten_sites(gm):  # a rewrite before this one: reported, never rewritten twice
         report.rewritten(site, site.action, site.detail)
-    for rewrite in pipeline(options):
-        rewrite(gm, options, report, dry_run=dry_run)
-    if not dry_run:
-        report.warn_plain_sites()
+    if options.mode == "ghost":
+        rewrite_ghost(gm, options, report)
+    else:
+        rewrite_sync(gm, options, report, groups)
     return report

@@ -14,11 +14,8 @@ from bnfx.passes.sites import match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
 
 
-def rewrite_ghost(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
-    """Make every training-mode batch-norm site of ``gm`` compute ghost batch norm.
-
-    ``dry_run`` changes nothing here: a ghost rewrite has no side effect outside the graph.
-    """
+def rewrite_ghost(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule:
+    """Make every training-mode batch-norm site of ``gm`` compute ghost batch norm."""
     size = options.ghost_batch_size
     graphs = graph_modules(gm)
     # Sites are matched one at a time: a rewrite changes the arguments of later sites.

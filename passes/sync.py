@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
@@ -14,32 +16,38 @@ from bnfx.passes.rewrite import (
 )
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
-from bnfx.process_groups import sync_group
 
 
-def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool = False) -> fx.GraphModule:
-    """Make every training-mode batch-norm site of ``gm`` compute statistics over the sync group.
+@dataclass(frozen=True)
+class SyncPlan:
+    """What the sync rewrite of a graph needs before it runs: the process groups its sites
+    reduce over (``sync`` values, the options' first, then the groups nn.SyncBatchNorm modules
+    name) and what it does, which the ranks compare before any batch-norm collective."""
 
-    ``dry_run`` (``bnfx.explain``) creates no communicator: the graph names none that runs.
-    """
-    graphs = graph_modules(gm)
-    nodes, frozen, synced = [], 0, 0
+    syncs: tuple
+    description: str
+
+
+def plan_sync(gm: fx.GraphModule, options) -> SyncPlan:
+    """The groups and description of ``rewrite_sync(gm, options, ...)``; makes no collective."""
+    syncs, frozen, synced = [options.sync], 0, 0
     for site in find_sites(gm):
-        nodes.append((site.node.graph.owning_module, site.node))
         freezes = _freezes(site, options)
         frozen += freezes
         synced += not freezes and unsupported(site) is None
-    plan = f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})"
-    groups = {}  # the group a site names (nn.SyncBatchNorm's process_group) -> (SyncGroup, reason)
+        if _own_group(site, options) not in syncs:
+            syncs.append(_own_group(site, options))
+    return SyncPlan(tuple(syncs), f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})")
 
-    def group_of(site):
-        sync = _own_group(site, options)
-        key = sync if isinstance(sync, str) else id(sync)
-        if key not in groups:
-            groups[key] = sync_group(sync, options.group_size, create=not dry_run, plan=plan)
-        return groups[key]
 
-    group_of(None)  # the options' group: created (and the ranks' plans compared) first
+def rewrite_sync(gm: fx.GraphModule, options, report: Report, groups: dict) -> fx.GraphModule:
+    """Make every training-mode batch-norm site of ``gm`` compute statistics over its sync group.
+
+    ``groups``: for each ``sync`` of ``plan_sync(gm, options).syncs``, ``(SyncGroup, "")`` or
+    ``(None, why batch norm stays local)``, as the door resolved them.
+    """
+    graphs = graph_modules(gm)
+    nodes = [(site.node.graph.owning_module, site.node) for site in find_sites(gm)]
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
     for index, site in enumerate(match_site(graph, node) for graph, node in nodes):
         graph = site.node.graph.owning_module
@@ -49,7 +57,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, *, dry_run: bool =
             freeze_site(graph, site, f"frozen_bn_{index}")
             report.rewritten(site, "frozen", "running statistics, no update, no weight/bias gradient")
             continue
-        group, fallback = group_of(site)
+        group, fallback = groups[_own_group(site, options)]
         reason = unsupported(site) or fallback
         if reason and site.owner_path is not None:  # plain batch norm, on the module's train/eval flag
             warning = replace_owned_site(graph, site, sync_batch_norm_of, (None,), f"plain_bn_{index}")

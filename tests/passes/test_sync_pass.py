@@ -10,7 +10,7 @@ from torch import fx, nn
 import bnfx
 from bnfx.functional import frozen_batch_norm_module, sync_batch_norm_module
 from bnfx.passes import report as report_module
-from bnfx.passes import sync as sync_pass
+from bnfx import rewriting
 from bnfx.process_groups import SyncGroup
 from graph_counts import ThreeForms, count
 from world_of_one import world_of_one
@@ -22,7 +22,7 @@ SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
 def two_ranks(monkeypatch):
     """Graph-structure tests only: the pass sees a group of 2 ranks (the op is never run)."""
     group = SyncGroup("fake", 2)
-    monkeypatch.setattr(sync_pass, "sync_group", lambda sync, group_size, create, plan: (group, ""))
+    monkeypatch.setattr(rewriting, "sync_group", lambda sync, group_size, create, plan: (group, ""))
 
 
 def capture_graph(model, x, **options):
