@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import logging
 
 import torch
@@ -23,16 +24,44 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @functools.cache
 def cpu_extension():
-    """The C++ extension (its AVX2 build where the CPU has AVX2), or None when it was not built."""
+    """The C++ extension (its AVX2 build where the CPU has AVX2), or None. Which one loaded, or
+    why none did, is one log line: INFO where it was not built, WARNING where a build fails to
+    load."""
     names = ["bnfx.ops._cpu_kernels"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         names.insert(0, "bnfx.ops._cpu_kernels_avx2")
     for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
+        if importlib.util.find_spec(name) is None:
             continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as error:
+            log.warning("bnfx: the C++ CPU kernels %s were built but fail to load (%s)", name, error)
+            continue
+        _cpu_status.append(f"C++ kernels ({name.rpartition('.')[2]})")
+        return module
+    _cpu_status.append("the ops' PyTorch default bodies: the C++ extension is not built or does not load")
+    log.info("bnfx: no C++ CPU kernels (none built that loads, e.g. no C++ compiler at install): CPU tensors run "
+             "the ops' PyTorch default bodies")
     return None
+
+
+_cpu_status: list[str] = []
+
+
+def kernel_table() -> list[tuple[str, str, str]]:
+    """``(device, kernel, what it takes)`` for bnfx's ghost and sync ops in this install:
+    which kernel serves them on each device, and why (``python -m bnfx.ops`` prints it)."""
+    cpu_extension()
+    cpu = _cpu_status[-1]
+    cpu_takes = "contiguous float32/float64; other input: the default bodies" if cpu.startswith("C++") else "any"
+    if triton_launchers() is not None:
+        cuda, cuda_takes = "Triton kernels", "float32/float16/bfloat16; float64: the default bodies"
+    else:
+        cuda, cuda_takes = "the ops' PyTorch default bodies: Triton does not import", "any"
+    if not torch.cuda.is_available():
+        cuda += " (no CUDA device here)"
+    return [("cpu", cpu, cpu_takes), ("cuda", cuda, cuda_takes)]
 
 
 def cpu_extension_takes(input: Tensor) -> bool:
