@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
+from bnfx.ops import batch_norm_contract as contract
 from bnfx.own_forward import run_own_forward
 from bnfx.recomputation import recomputing, run_checkpointed
 
@@ -79,11 +80,10 @@ def module_batch_norm(input, running_mean, running_var, weight, bias, momentum, 
 
 
 def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars) -> Tensor:
-    """``op``'s output (a bnfx op: ``(out, new_running_mean, new_running_var,
-    new_num_batches_tracked, *saved)``), with the new state written back in place."""
-    out, new_mean, new_var, new_tracked, *_ = op(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars
-    )
+    """``op``'s output (a bnfx op), with the new state written back in place."""
+    outputs = op(input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars)
+    out = outputs[contract.output_index("out")]
+    new_mean, new_var, new_tracked = (outputs[contract.output_index(name)] for name in contract.NEW_STATE)
     if recomputing():  # the forward of this step wrote it already
         return out
     # The new state is not differentiable, so the writes record no gradient either way; export

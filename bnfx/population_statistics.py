@@ -28,17 +28,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnfx.call_arguments import schema_arguments
+from bnfx.ops import batch_norm_contract as contract
 from bnfx.passes.sites import OP_FORMS
 from bnfx.process_groups import named_group
 
-_SAVED = ("save_mean", "save_invstd")
-_NEW_STATE = ("new_running_mean", "new_running_var", "new_num_batches_tracked")
 # Every op that computes batch norm with a module's running statistics in reach, and the
 # names of its outputs: torch's forms (those the passes know), and bnfx's own ops.
 _OUTPUTS = {
     **{form.op: form.outputs or ("out",) for form in OP_FORMS.values()},
-    torch.ops.bnfx.ghost_batch_norm.default: ("out", *_NEW_STATE, *_SAVED),
-    torch.ops.bnfx.sync_batch_norm.default: ("out", *_NEW_STATE, "save_mean", "save_var", "count"),
+    torch.ops.bnfx.ghost_batch_norm.default: contract.output_names("ghost_batch_norm"),
+    torch.ops.bnfx.sync_batch_norm.default: contract.output_names("sync_batch_norm"),
 }
 _EPS_ARGUMENT = {form.op: form.eps_argument for form in OP_FORMS.values()}
 

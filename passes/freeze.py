@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from bnfx.functional import frozen_batch_norm_module, frozen_own_forward
-from bnfx.passes.rewrite import replace_module_site
+from bnfx.passes.rewrite import replace_module_site, reroute_outputs
 from bnfx.passes.sites import OP_FORMS, BatchNormSite, output_name, tuple_outputs
 
 A = torch.ops.aten
@@ -53,40 +53,41 @@ def freeze_site(gm: fx.GraphModule, site: BatchNormSite, name: str) -> None:
     new.name = name
     new.meta = dict(node.meta)
     if tuple_outputs(site):
-        _reroute_outputs(graph, site, new, _EVAL_OUTPUTS if aten else ("out",))
+        reroute_outputs(graph, site, _frozen_outputs(graph, site, new, _EVAL_OUTPUTS if aten else ("out",)))
     else:
         node.replace_all_uses_with(new)
-    graph.erase_node(node)
+        graph.erase_node(node)
     update = site.tracked_update
     if update is not None:
         update.replace_all_uses_with(site.num_batches_tracked)  # decomposed export returns it
         graph.erase_node(update)
 
 
-def _reroute_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, new_outputs: tuple[str, ...]) -> None:
-    """The ``getitem`` users of a tuple form take ``new``'s outputs (``new_outputs``, by name);
-    those of its new running statistics take the unchanged ones. Where the graph writes them
-    back itself (Dynamo's ``copy_`` after ``bnfx.module_batch_norm``), the write-back goes: a
-    buffer copied onto itself would change its version, and a backward that saved it would fail."""
+def _frozen_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, new_outputs: tuple[str, ...]):
+    """``reroute_outputs``' replacement: the users of ``new``'s outputs (``new_outputs``, by name)
+    take them; those of the new running statistics take the unchanged ones. Where the graph
+    writes them back itself (Dynamo's ``copy_`` after ``bnfx.module_batch_norm``), the
+    write-back goes: a buffer copied onto itself would change its version, and a backward that
+    saved it would fail."""
     unchanged = {
         "new_running_mean": site.running_mean,
         "new_running_var": site.running_var,
         "new_num_batches_tracked": site.num_batches_tracked,
     }
-    for user in list(site.node.users):
-        output = output_name(site, user)
+
+    def replacement(output: str, user: fx.Node) -> fx.Node:
         if output in unchanged:
             for write_back in [u for u in user.users if _is_copy_into(u, unchanged[output])]:
                 graph.erase_node(write_back)
-            replacement = unchanged[output]
-        elif len(new_outputs) == 1:
-            replacement = new
-        else:
-            with graph.inserting_after(new):
-                replacement = graph.call_function(operator.getitem, (new, new_outputs.index(output)))
-            replacement.meta = dict(user.meta)
-        user.replace_all_uses_with(replacement)
-        graph.erase_node(user)
+            return unchanged[output]
+        if len(new_outputs) == 1:
+            return new
+        with graph.inserting_after(new):
+            taken = graph.call_function(operator.getitem, (new, new_outputs.index(output)))
+        taken.meta = dict(user.meta)
+        return taken
+
+    return replacement
 
 
 def _is_copy_into(node: fx.Node, state: fx.Node) -> bool:

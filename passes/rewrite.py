@@ -9,6 +9,7 @@ import torch
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfx.ops import batch_norm_contract as contract
 from bnfx.passes.report import EVAL_MODE
 from bnfx.passes.sites import SAVED_OUTPUTS, BatchNormSite, output_name, tuple_outputs
 
@@ -135,15 +136,24 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
         )
         # where it came from (a saved program names its sites by it), not what it computes
         new.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
-        out = graph.call_function(operator.getitem, (new, 0))
+        out = graph.call_function(operator.getitem, (new, contract.output_index("out")))
         outputs = tuple_outputs(site)
         returns_state = "new_running_mean" in (outputs or ())
-        for index, state in ((1, site.running_mean), (2, site.running_var), (3, tracked)):
+        for name, state in zip(contract.NEW_STATE, (site.running_mean, site.running_var, tracked)):
             if state is not None and not returns_state:  # else the graph returns the new state
-                new_state = graph.call_function(operator.getitem, (new, index))
+                new_state = graph.call_function(operator.getitem, (new, contract.output_index(name)))
                 graph.call_function(torch.ops.aten.copy_.default, (state, new_state))
     if outputs:
-        _reroute_outputs(graph, site, new, out)
+        def op_output(name: str, user: fx.Node) -> fx.Node:
+            if name == "out":
+                out.meta = dict(user.meta)
+                return out
+            with graph.inserting_after(new):
+                taken = graph.call_function(operator.getitem, (new, contract.output_index(name)))
+            taken.meta = dict(user.meta)
+            return taken
+
+        reroute_outputs(graph, site, op_output)
     else:
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
@@ -153,25 +163,18 @@ def replace_functional_site(gm: fx.GraphModule, site: BatchNormSite, op, trailin
         return
     if update.target is torch.ops.aten.add.Tensor:  # decomposed export: the new counter is a value
         with graph.inserting_after(new):
-            new_tracked = graph.call_function(operator.getitem, (new, _OP_OUTPUTS["new_num_batches_tracked"]))
+            counter = contract.output_index("new_num_batches_tracked")
+            new_tracked = graph.call_function(operator.getitem, (new, counter))
         new_tracked.meta = dict(update.meta)
         update.replace_all_uses_with(new_tracked)
     graph.erase_node(update)
 
 
-# the op's outputs that stand for a site's named outputs
-_OP_OUTPUTS = {"new_running_mean": 1, "new_running_var": 2, "new_num_batches_tracked": 3}
-
-
-def _reroute_outputs(graph: fx.Graph, site: BatchNormSite, new: fx.Node, out: fx.Node) -> None:
-    """A form that returns a tuple: its ``getitem`` users (its output, and the new running
-    statistics where it returns them) take ``new``'s outputs."""
-    node = site.node
-    for user in list(node.users):
-        name = output_name(site, user)
-        with graph.inserting_after(new):
-            replacement = out if name == "out" else graph.call_function(operator.getitem, (new, _OP_OUTPUTS[name]))
-        replacement.meta = dict(user.meta)
-        user.replace_all_uses_with(replacement)
+def reroute_outputs(graph: fx.Graph, site: BatchNormSite, replacement: Callable[[str, fx.Node], fx.Node]) -> None:
+    """A form that returns a tuple: each ``getitem`` user takes ``replacement(name, user)``, for
+    the output it reads by name, in its place; then the site goes."""
+    for user in list(site.node.users):
+        new = replacement(output_name(site, user), user)
+        user.replace_all_uses_with(new)
         graph.erase_node(user)
-    graph.erase_node(node)
+    graph.erase_node(site.node)

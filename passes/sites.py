@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.module_batch_norm)
 from bnfx.call_arguments import functional_arguments, schema_arguments
+from bnfx.ops import batch_norm_contract as contract
 from bnfx.passes.subgraphs import attribute, graph_modules
 
 
@@ -58,7 +59,7 @@ _FORMS_BY_OP = {
             A.cudnn_batch_norm.default, ("out", *_SAVED, "reserve"),
             momentum_argument="exponential_average_factor", eps_argument="epsilon",
         ),
-        OpForm(B.module_batch_norm.default, ("out", *_NEW_STATE, "new_num_batches_tracked"), training=True),
+        OpForm(B.module_batch_norm.default, contract.output_names("module_batch_norm"), training=True),
     )
 }
 OP_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}

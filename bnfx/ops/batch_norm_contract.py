@@ -4,13 +4,36 @@ outputs of the fake kernels, and the autograd set-up.
 Every forward op takes ``(input, weight, bias, running_mean, running_var,
 num_batches_tracked, ...)`` and returns ``(out, new_running_mean, new_running_var,
 new_num_batches_tracked, *saved)``; its backward op takes ``(grad_out, input, weight,
-*saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``.
+*saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``. The output layout
+is declared here once (``output_names``), read by the passes, the run-time functions,
+population statistics and the autograd set-up; the C++ side's ``kFirstSavedOutput``
+(``csrc/autograd_fast_path.h``) is compared with ``FIRST_SAVED`` by a test.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# The outputs of every bnfx forward op, in order: the normalized output, the new state (which
+# the doors write back, or an exported program returns), then what the op's backward reads.
+NEW_STATE = ("new_running_mean", "new_running_var", "new_num_batches_tracked")
+FIRST_SAVED = 1 + len(NEW_STATE)
+SAVED = {
+    "ghost_batch_norm": ("save_mean", "save_invstd"),
+    "sync_batch_norm": ("save_mean", "save_var", "count"),
+    "module_batch_norm": (),  # a site for the passes: nothing of its own to save
+}
+
+
+def output_names(op_name: str) -> tuple[str, ...]:
+    """The outputs of the bnfx op ``op_name`` ("ghost_batch_norm", ...), by name, in order."""
+    return ("out", *NEW_STATE, *SAVED[op_name])
+
+
+def output_index(name: str) -> int:
+    """Where every bnfx forward op returns ``name`` ("out" or one of ``NEW_STATE``)."""
+    return ("out", *NEW_STATE).index(name)
 
 
 def stat_dtype(input: Tensor) -> torch.dtype:
@@ -52,7 +75,7 @@ def register_autograd(op, backward_op, scalars: tuple[str, ...]) -> None:
         input, weight, bias = inputs[:3]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs backward ignores
-        ctx.save_for_backward(input, weight, *output[4:])
+        ctx.save_for_backward(input, weight, *output[FIRST_SAVED:])
         ctx.scalars = [inputs[i] for i in positions]
         ctx.has_bias = bias is not None
 

@@ -54,3 +54,14 @@ def test_an_extension_that_was_not_built_is_one_info_line():
     """)
     lines = [line for line in result.stderr.splitlines() if "C++ CPU kernels" in line]
     assert len(lines) == 1 and lines[0].startswith("INFO:bnfx:bnfx: no C++ CPU kernels"), result.stderr
+
+
+def test_the_cpp_side_reads_the_op_contracts_output_layout():
+    import pathlib
+
+    from bnfx.ops import batch_norm_contract as contract
+
+    header = pathlib.Path(contract.__file__).parent / "csrc" / "autograd_fast_path.h"
+    [first_saved] = re.findall(r"constexpr size_t kFirstSavedOutput = (\d+);", header.read_text())
+    assert int(first_saved) == contract.FIRST_SAVED == contract.output_names("ghost_batch_norm").index("save_mean")
+    assert contract.output_names("sync_batch_norm")[contract.FIRST_SAVED] == "save_mean"

@@ -45,6 +45,10 @@ inline bool plain_arguments(const std::optional<at::Tensor>& weight, const std::
          !(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value());
 }
 
+// Where an op's saved outputs start: after the output and the three new-state outputs
+// (bnfx/ops/batch_norm_contract.py's FIRST_SAVED; a test compares them).
+constexpr size_t kFirstSavedOutput = 4;
+
 // What a forward keeps for its backward: every output but the first is state or statistics,
 // not differentiable (and gets no zero gradient); saved are the input, the weight and the
 // outputs from ``first_saved`` on.

@@ -91,7 +91,7 @@ class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
                                                        num_batches_tracked, ghost_batch_size, momentum, eps);
       outputs = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
     }
-    bnfx_cpu::keep_for_backward(ctx, outputs, 4, input, weight, bias, eps);  // saves mean, invstd
+    bnfx_cpu::keep_for_backward(ctx, outputs, bnfx_cpu::kFirstSavedOutput, input, weight, bias, eps);  // saves mean, invstd
     ctx->saved_data["chunk_size"] = chunk_size ? *chunk_size : int64_t(-1);
     ctx->saved_data["ghost_batch_size"] = ghost_batch_size;
     return outputs;

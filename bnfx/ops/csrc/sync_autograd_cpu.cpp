@@ -156,7 +156,7 @@ class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
       outputs = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
                  std::get<4>(r), std::get<5>(r), std::get<6>(r)};
     }
-    bnfx_cpu::keep_for_backward(ctx, outputs, 4, input, weight, bias, eps);  // saves mean, var, count
+    bnfx_cpu::keep_for_backward(ctx, outputs, bnfx_cpu::kFirstSavedOutput, input, weight, bias, eps);  // saves mean, var, count
     ctx->saved_data["in_cpp"] = bool(group);
     ctx->saved_data["group_name"] = group_name;
     return outputs;
