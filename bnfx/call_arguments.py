@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bnfx import torch_internals
+
 _FUNCTIONAL_SIGNATURE = inspect.signature(F.batch_norm)
 # torch.batch_norm is aten's batch_norm: its keywords are the schema's
 _TORCH_BATCH_NORM = torch.ops.aten.batch_norm.default
@@ -29,7 +31,7 @@ def functional_arguments(function, args: tuple, kwargs: dict) -> dict[str, Any]:
 def schema_arguments(op, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A call's arguments by their names in ``op``'s schema, defaults filled in."""
     arguments = {}
-    for position, argument in enumerate(op._schema.arguments):
+    for position, argument in enumerate(torch_internals.op_arguments(op)):
         if position < len(args):
             arguments[argument.name] = args[position]
         elif argument.name in kwargs:

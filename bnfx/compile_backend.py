@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from bnfx import frame_watch
+from bnfx import frame_watch, torch_internals
 from bnfx.options import ENVIRONMENT_VARIABLE, Options, resolve_backend_options
 from bnfx.passes import Report
 from bnfx.rewriting import rewrite_graph
@@ -77,19 +77,9 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
+        return torch_internals.aot_eager_compile(gm, example_inputs)
     from bnfx.ops import DECOMPOSITIONS
 
-    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours. The
-    # AOTAutograd cache keys on Dynamo's graph, not on the decomposition table, so it would
-    # serve code compiled without these decompositions (or an older bnfx's): it stays off for
-    # bnfx graphs. Inductor's own cache keys on the decomposed graph and stays on.
-    decompositions = {**select_decomp_table(), **DECOMPOSITIONS}
-    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours (the AOTAutograd
+    # cache stays off for bnfx graphs; inductor's own cache keys on the decomposed graph).
+    return torch_internals.inductor_compile(gm, example_inputs, mode, DECOMPOSITIONS)

@@ -8,13 +8,13 @@ import dataclasses
 import operator
 
 from torch import fx
-from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind, TensorArgument
 
 from bnfx.passes import Report
 from bnfx.passes.subgraphs import graph_modules
 from bnfx.rewriting import rewrite_graph
+from bnfx.torch_internals import detect_fake_mode
 
 
 def transform_exported(ep: ExportedProgram, options, rewrite=rewrite_graph) -> tuple[ExportedProgram, Report]:

@@ -8,7 +8,6 @@ import re
 
 import torch
 from torch import fx, nn
-from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 from torch.fx.passes.shape_prop import ShapeProp
@@ -16,6 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bnfx.export import program_like
 from bnfx.passes import Report
 from bnfx.passes.fold import GraphAttributes, bias_name, fold_batch_norm, free_names, same_kind
+from bnfx.torch_internals import detect_fake_mode
 from bnfx.transform import trace
 
 _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)

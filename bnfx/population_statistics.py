@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnfx.call_arguments import schema_arguments
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.passes.sites import OP_FORMS
 from bnfx.process_groups import named_group
+from bnfx.torch_internals import TorchDispatchMode
 
 # Every op that computes batch norm with a module's running statistics in reach, and the
 # names of its outputs: torch's forms (those the passes know), and bnfx's own ops.

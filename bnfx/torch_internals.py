@@ -112,6 +112,50 @@ def group_timeout(group: dist.ProcessGroup):
     return None
 
 
+# -- ops: the argument names of an op's schema (OpOverload has no public accessor)
+
+if not hasattr(torch.ops.aten.batch_norm.default, "_schema"):
+    _missing(
+        "OpOverload._schema",
+        "bnfx cannot read the arguments of aten and bnfx ops: exported and Dynamo graphs are not rewritten; "
+        "bnfx.convert(model, ...) works without it",
+    )
+
+
+def op_arguments(op) -> list:
+    """The arguments of ``op`` (an OpOverload, or a custom op's definition) in its schema, in order."""
+    return list(getattr(op, "_opoverload", op)._schema.arguments)
+
+
+# -- fake tensors and dispatch modes, for export's metadata and population statistics
+
+from torch._guards import detect_fake_mode  # noqa: E402  (the fake mode of a graph's values)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402  (no public path)
+
+
+# -- compilers behind bnfx's backend: Dynamo's aot_eager, inductor with bnfx's decompositions
+
+
+def aot_eager_compile(gm, example_inputs):
+    from torch._dynamo.backends.debugging import aot_eager
+
+    return aot_eager(gm, example_inputs)
+
+
+def inductor_compile(gm, example_inputs, mode: str | None, decompositions: dict):
+    """Inductor on ``gm`` with its default decompositions and ``decompositions`` over them, in
+    torch.compile's ``mode``, with the AOTAutograd cache off: it keys on Dynamo's graph, not on
+    the decomposition table, so it would serve code compiled without these decompositions."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    patches = list_mode_options(mode) if mode not in (None, "default") else None
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches,
+                          decompositions={**select_decomp_table(), **decompositions})
+
+
 # -- Dynamo: its compile-start callbacks, and the frame a compile on this thread compiles
 # (bnfx.frame_watch). Checked when the backend is first looked up.
 

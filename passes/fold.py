@@ -14,6 +14,7 @@ from bnfx.call_arguments import schema_arguments
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import TRAINING_IN_GRAPH, USES_SAVED_STATISTICS, has_own_forward
 from bnfx.passes.sites import BatchNormSite, find_sites, module_path, output_name
+from bnfx.torch_internals import op_arguments
 
 A = torch.ops.aten
 
@@ -223,7 +224,7 @@ def _op_producer(node: fx.Node, constants: Constants) -> _Producer | str:
     else:
         kind = "conv"
     weight_node, bias_node = arguments["weight"], arguments.get("bias")
-    bias_position = [a.name for a in op._schema.arguments].index("bias")
+    bias_position = [a.name for a in op_arguments(op)].index("bias")
 
     def attach_bias(new_node):
         if bias_position <= len(node.args):

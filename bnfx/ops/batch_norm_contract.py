@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnfx import torch_internals
+
 # The outputs of every bnfx forward op, in order: the normalized output, the new state (which
 # the doors write back, or an exported program returns), then what the op's backward reads.
 NEW_STATE = ("new_running_mean", "new_running_var", "new_num_batches_tracked")
@@ -68,7 +70,7 @@ def register_autograd(op, backward_op, scalars: tuple[str, ...]) -> None:
     """Autograd for ``op``: the state outputs are not differentiable (their in-graph write-back
     must not give buffers a grad_fn), the saved outputs and ``scalars`` (argument names of
     ``op``) are passed to ``backward_op``."""
-    names = [argument.name for argument in op._opoverload._schema.arguments]
+    names = [argument.name for argument in torch_internals.op_arguments(op)]
     positions = [names.index(name) for name in scalars]
 
     def setup_context(ctx, inputs, output):
