@@ -79,11 +79,14 @@ def module_batch_norm(input, running_mean, running_var, weight, bias, momentum, 
     )
 
 
+_OUT = contract.output_index("out")
+_NEW_STATE = slice(contract.output_index(contract.NEW_STATE[0]), contract.FIRST_SAVED)
+
+
 def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars) -> Tensor:
     """``op``'s output (a bnfx op), with the new state written back in place."""
     outputs = op(input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars)
-    out = outputs[contract.output_index("out")]
-    new_mean, new_var, new_tracked = (outputs[contract.output_index(name)] for name in contract.NEW_STATE)
+    out, (new_mean, new_var, new_tracked) = outputs[_OUT], outputs[_NEW_STATE]
     if recomputing():  # the forward of this step wrote it already
         return out
     # The new state is not differentiable, so the writes record no gradient either way; export
