@@ -100,8 +100,12 @@ def _not_a_member(sync) -> bool:
 
 def resolve_backend_options(options: dict[str, Any]) -> Options:
     """``resolve_options`` for the torch.compile backend: ``options`` over those of the
-    ``BNFX_OPTIONS`` environment variable, which the code's options override key by key."""
+    ``BNFX_OPTIONS`` environment variable. The code's options override it key by key, and the
+    mode as a whole: code that names a mode option (``ghost_batch_size``, ``sync``,
+    ``group_size``, ``freeze``) takes none of the environment's."""
     from_environment = environment_options()
+    if any(key in _GRAPH_OPTIONS for key in options):
+        from_environment = {k: v for k, v in from_environment.items() if k not in _GRAPH_OPTIONS}
     try:
         return resolve_options({**from_environment, **options}, backend=True)
     except (TypeError, ValueError) as error:

@@ -163,6 +163,10 @@ def test_options_from_the_environment_reach_every_graph(monkeypatch, caplog):
     model.bn1.reset_running_stats()
     torch.compile(model.bn1, backend=bnfx.backend(ghost_batch_size=3))(x)
     assert model.bn1.num_batches_tracked.item() == 2
+    # and the mode as a whole: code in ghost mode takes no sync from the environment
+    monkeypatch.setenv("BNFX_OPTIONS", "sync=true,group_size=2,inner=aot_eager")
+    opts = bnfx.options.resolve_backend_options({"ghost_batch_size": 3})
+    assert (opts.mode, opts.ghost_batch_size, opts.inner) == ("ghost", 3, "aot_eager")
 
 
 @pytest.mark.parametrize(
