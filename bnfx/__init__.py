@@ -14,13 +14,13 @@ The ``bnfx`` command (demo, inspect, export) is ``bnfx.cli``.
 import torch
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
-from bnfx.torch_internals import check_torch_version
 from bnfx.compile_backend import backend
 from bnfx.convert import convert, explain_convert, revert
 from bnfx.fold import explain_fold, fold
 from bnfx.options import Options, resolve_options
 from bnfx.passes import Report, find_sites
 from bnfx.population_statistics import recompute_statistics
+from bnfx.torch_internals import check_torch_version
 from bnfx.transform import explain, trace, transform
 
 check_torch_version(torch.__version__)

@@ -40,12 +40,17 @@ def unsupported(site: BatchNormSite) -> str | None:
     return None
 
 
+def site_conversion(site: BatchNormSite):
+    """What ``bnfx.convert`` made the site's module compute (a ``Conversion``), or None."""
+    from bnfx.convert import conversion_of
+
+    return None if site.module is None else conversion_of(site.module)
+
+
 def report_converted(site: BatchNormSite, report) -> bool:
     """A module ``bnfx.convert`` converted computes bnfx's batch norm itself: reported as such,
     never rewritten again (True), whatever the options of this rewrite."""
-    from bnfx.convert import conversion_of
-
-    conversion = None if site.module is None else conversion_of(site.module)
+    conversion = site_conversion(site)
     if conversion is None:
         return False
     if conversion.action is None:

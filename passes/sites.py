@@ -67,7 +67,6 @@ OP_FORMS = {form.name: form for form in _FORMS_BY_OP.values()}
 SAVED_OUTPUTS = (*_SAVED, "reserve")
 
 
-
 @dataclass
 class BatchNormSite:
     """One batch-norm call, its arguments normalized across IR forms."""

@@ -12,7 +12,7 @@ from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import (
     FOLLOWS_MODULE, reads_saved_statistics, replace_functional_site, replace_module_site, replace_owned_site,
-    report_converted, unsupported,
+    report_converted, site_conversion, unsupported,
 )
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
@@ -35,7 +35,9 @@ def plan_sync(gm: fx.GraphModule, options) -> SyncPlan:
         freezes = _freezes(site, options)
         frozen += freezes
         synced += not freezes and unsupported(site) is None
-        if _own_group(site, options) not in syncs:
+        # a group only a site that reduces over it needs (frozen and converted ones do not)
+        reduces = not freezes and site_conversion(site) is None
+        if reduces and _own_group(site, options) not in syncs:
             syncs.append(_own_group(site, options))
     return SyncPlan(tuple(syncs), f"{synced} synchronized and {frozen} frozen batch-norm sites ({options.describe()})")
 

@@ -38,23 +38,21 @@ def cpu_extension():
         except ImportError as error:
             log.warning("bnfx: the C++ CPU kernels %s were built but fail to load (%s)", name, error)
             continue
-        _cpu_status.append(f"C++ kernels ({name.rpartition('.')[2]})")
         return module
-    _cpu_status.append("the ops' PyTorch default bodies: the C++ extension is not built or does not load")
     log.info("bnfx: no C++ CPU kernels (none built that loads, e.g. no C++ compiler at install): CPU tensors run "
              "the ops' PyTorch default bodies")
     return None
 
 
-_cpu_status: list[str] = []
-
-
 def kernel_table() -> list[tuple[str, str, str]]:
     """``(device, kernel, what it takes)`` for bnfx's ghost and sync ops in this install:
     which kernel serves them on each device, and why (``python -m bnfx.ops`` prints it)."""
-    cpu_extension()
-    cpu = _cpu_status[-1]
-    cpu_takes = "contiguous float32/float64; other input: the default bodies" if cpu.startswith("C++") else "any"
+    extension = cpu_extension()
+    if extension is not None:
+        cpu = f"C++ kernels ({extension.__name__.rpartition('.')[2]})"
+        cpu_takes = "contiguous float32/float64; other input: the default bodies"
+    else:
+        cpu, cpu_takes = "the ops' PyTorch default bodies: the C++ extension is not built or does not load", "any"
     if triton_launchers() is not None:
         cuda, cuda_takes = "Triton kernels", "float32/float16/bfloat16; float64: the default bodies"
     else:
