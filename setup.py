@@ -1,5 +1,9 @@
 """Builds the C++ CPU kernels; everything else is declared in pyproject.toml.
 
+Each build is a shared library that registers the ops' CPU and AutogradCPU kernels with
+torch's dispatcher when it is loaded (``torch.ops.load_library``, from
+``bnfx.ops.device_kernels``); it has no Python module of its own.
+
 Needs torch at build time: ``pip install --no-build-isolation -e .`` after installing torch
 (the Makefile does). The extension is optional: without a C++ compiler bnfx installs and
 runs on its pure-PyTorch kernels.
@@ -15,7 +19,7 @@ FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-tra
 def kernels(name: str, *isa_flags: str) -> CppExtension:
     return CppExtension(
         f"bnfx.ops.{name}",
-        [f"bnfx/ops/csrc/{name}.cpp" for name in ("batch_norm_cpu", "ghost_autograd_cpu", "sync_autograd_cpu")],
+        [f"bnfx/ops/csrc/{name}.cpp" for name in ("batch_norm_cpu", "ghost_batch_norm_cpu", "sync_batch_norm_cpu")],
         extra_compile_args=FLAGS + list(isa_flags),
         extra_link_args=["-fopenmp"],
         optional=True,

@@ -93,7 +93,7 @@ def main() -> None:
         for name in calls
     ]
     print(f"forward+backward per call, input {shape}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps} interleaved rounds, C++ kernels: {bnfx.ops.device_kernels.cpu_extension() is not None}")
+          f"median of {args.reps} interleaved rounds, C++ kernels: {bnfx.ops.device_kernels.cpu_kernels()}")
     print(tabulate(rows, headers=["op", "us", "/ torch.batch_norm", "/ floor"], tablefmt="simple"))
     dist.destroy_process_group()
 

@@ -9,8 +9,10 @@ bnfx`` under another version warns once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -125,6 +127,34 @@ if not hasattr(torch.ops.aten.batch_norm.default, "_schema"):
 def op_arguments(op) -> list:
     """The arguments of ``op`` (an OpOverload, or a custom op's definition) in its schema, in order."""
     return list(getattr(op, "_opoverload", op)._schema.arguments)
+
+
+# -- the dispatcher: kernels registered for the length of a block (device_kernels.default_bodies)
+
+if not hasattr(torch.library.Library, "_destroy"):
+    _missing(
+        "torch.library.Library._destroy",
+        "bnfx.ops.device_kernels.default_bodies('cpu') cannot put the C++ CPU kernels back and raises; the ops "
+        "themselves are unaffected",
+    )
+
+
+@contextlib.contextmanager
+def kernels_for_block(namespace: str, dispatch_key: str, kernels: dict):
+    """Within the block, ``kernels`` ({op name: Python function}) serve ``namespace``'s ops for
+    ``dispatch_key`` ("CPU"), above what was registered there; after it, those serve again."""
+    if not hasattr(torch.library.Library, "_destroy"):
+        raise RuntimeError(f"this torch ({torch.__version__}) cannot unregister kernels after a block")
+    library = torch.library.Library(namespace, "IMPL")
+    try:
+        with warnings.catch_warnings():
+            # the dispatcher's note that a kernel is overridden: here, on purpose and for a block
+            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+            for name, kernel in kernels.items():
+                library.impl(name, kernel, dispatch_key)
+        yield
+    finally:
+        library._destroy()
 
 
 # -- fake tensors and dispatch modes, for export's metadata and population statistics

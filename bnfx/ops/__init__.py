@@ -1,7 +1,11 @@
-"""The bnfx operator library: importing it registers every ``torch.ops.bnfx.*`` op."""
+"""The bnfx operator library: importing it registers every ``torch.ops.bnfx.*`` op, and the C++
+CPU kernels where they are built (``device_kernels.cpu_kernels``)."""
 
+from bnfx.ops import device_kernels
 from bnfx.ops import module_batch_norm as _module_batch_norm  # noqa: F401  (registers bnfx::module_batch_norm)
 from bnfx.ops import sync_batch_norm as _sync_batch_norm  # noqa: F401  (registers bnfx::sync_batch_norm)
 from bnfx.ops.ghost_batch_norm import DECOMPOSITIONS, ghost_chunk_count, ghost_chunk_layout
+
+device_kernels.cpu_kernels()  # after the ops are defined: the library registers kernels for them
 
 __all__ = ["DECOMPOSITIONS", "ghost_chunk_count", "ghost_chunk_layout"]

@@ -7,7 +7,7 @@ new_num_batches_tracked, *saved)``; its backward op takes ``(grad_out, input, we
 *saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``. The output layout
 is declared here once (``output_names``), read by the passes, the run-time functions,
 population statistics and the autograd set-up; the C++ side's ``kFirstSavedOutput``
-(``csrc/autograd_fast_path.h``) is compared with ``FIRST_SAVED`` by a test.
+(``csrc/op_support_cpu.h``) is compared with ``FIRST_SAVED`` by a test.
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ def stat_dtype(input: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, torch.float32)
 
 
-def check_args(input: Tensor, running_mean, momentum, num_batches_tracked) -> None:
+def check_args(input: Tensor, running_mean, running_var, momentum, num_batches_tracked) -> None:
+    """The checks every bnfx batch-norm op makes (its C++ CPU kernels too, ``csrc/op_support_cpu.h``)."""
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
 

@@ -7,22 +7,25 @@ its own mean and biased variance. The running statistics end where Composer's se
 per-chunk updates end (momentum / nchunks per chunk, unbiased variance), computed in closed
 form; with ``momentum=None`` every chunk counts as one batch of the cumulative average.
 
-Three kernels, none with a Python loop over chunks, chosen by the dispatcher:
+The op's layers, in dispatch order (none with a Python loop over chunks):
 
-- the default body, any device, layout and dtype: PyTorch ops on views of the input,
-  ``[nchunks, chunk_size, C, ...]`` for the equal chunks and ``[1, last, C, ...]`` for a
-  shorter last one, with no copy of the input and one full-size allocation per direction;
-- CPU, contiguous fp32/fp64 input: C++ (``csrc/batch_norm_cpu.cpp``), which reduces and
-  normalizes each (chunk, channel) while it is in cache;
+- autograd: on CPU the C++ autograd kernel (``csrc/ghost_batch_norm_cpu.cpp``, AutogradCPU),
+  elsewhere ``batch_norm_contract.register_autograd``; both call
+  ``bnfx::ghost_batch_norm_backward``, which has the same layers below autograd;
+- fake tensors (``register_fake``): the output shapes, and the argument checks;
+- CPU: the C++ kernels (``csrc/ghost_batch_norm_cpu.cpp``, registered from C++), which take
+  every CPU call and reduce and normalize each (chunk, channel) while it is in cache;
 - CUDA, fp32/fp16/bf16 input: Triton (``triton/``), one launch for all nchunks x C
-  statistics.
+  statistics (``_TritonKernels``, through ``device_kernels.register_local_kernels``);
+- the default body, any other device, layout and dtype: PyTorch ops on views of the input,
+  ``[nchunks, chunk_size, C, ...]`` for the equal chunks and ``[1, last, C, ...]`` for a
+  shorter last one, with no copy of the input and one full-size allocation per direction.
 
 Inductor gets decompositions into primitives instead (``DECOMPOSITIONS``), which it fuses.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -47,10 +50,10 @@ def ghost_chunk_count(batch: int, ghost_batch_size: int) -> int:
     return (batch + ghost_batch_size - 1) // ghost_batch_size
 
 
-def _check_args(input: Tensor, ghost_batch_size: int, running_mean, momentum, num_batches_tracked):
+def _check_args(input: Tensor, ghost_batch_size: int, running_mean, running_var, momentum, num_batches_tracked):
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
-    contract.check_args(input, running_mean, momentum, num_batches_tracked)
+    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
     batch = input.shape[0]
     torch._check_value(batch != 0, lambda: "input must have a non-empty batch dimension, got batch size 0")
     # The last chunk is the smallest. Under dynamic shapes this is one condition on the
@@ -112,14 +115,12 @@ def _cat(per_segment: list[Tensor]) -> Tensor:
     return per_segment[0] if len(per_segment) == 1 else torch.cat(per_segment)
 
 
-def _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum,
-               running_stats=None):
-    """``(new_running_mean, new_running_var, new_num_batches_tracked)``, empty where None;
-    ``running_stats``: what computes the first two (default ``_new_running_stats``)."""
+def _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum):
+    """``(new_running_mean, new_running_var, new_num_batches_tracked)``, empty where None."""
     if running_mean is None:
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     else:
-        new_mean, new_var = (running_stats or _new_running_stats)(
+        new_mean, new_var = _new_running_stats(
             running_mean, running_var, num_batches_tracked, save_mean, unbiased_vars, momentum
         )
     new_tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + save_mean.shape[0]
@@ -153,44 +154,6 @@ def _new_running_stats(
     return running_mean * keep + (weights * means).sum(0), running_var * keep + (weights * unbiased_vars).sum(0)
 
 
-def _forward_views(input, weight, bias, ghost_batch_size, eps):
-    """Any device, layout and dtype: ``(out, save_mean, save_invstd, unbiased_var)``."""
-    dtype = contract.stat_dtype(input)
-    out = torch.empty_like(input)
-    means, invstds, unbiased_vars = [], [], []
-    for x, result in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
-        size = _values_per_channel(x)
-        # y: the centred values, then the output, in the statistics dtype; reduced-precision
-        # input gets a float32 scratch, so that nothing is rounded to its dtype before the end
-        y = result if input.dtype == dtype else torch.empty_like(x, dtype=dtype)
-        # Center on an estimate, then take the statistics of the centered values
-        estimate = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
-        torch.sub(x, _broadcast(estimate, x), out=y)  # y holds x - estimate for now
-        offset = _chunk_sums(y, dtype).div_(size)  # [chunks, C], the mean of x - estimate
-        biased_var = (_chunk_squares(y, dtype).div_(size) - offset.square()).clamp_(min=0)
-        invstd = torch.rsqrt(biased_var + eps)
-        scale = invstd if weight is None else invstd * weight
-        # out = (y - offset) scale + bias, with no cancellation: y and offset are small
-        shift = -offset * scale
-        if bias is not None:
-            shift = shift + bias.to(dtype)
-        torch.addcmul(_broadcast(shift, x), y, _broadcast(scale, x), out=y)
-        if y is not result:
-            result.copy_(y)  # rounded once
-        means.append(estimate + offset)
-        invstds.append(invstd)
-        unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
-    return out, _cat(means), _cat(invstds), _cat(unbiased_vars)
-
-
-def _forward_cpu(input, weight, bias, ghost_batch_size, eps):
-    """The C++ kernel where it takes the input, else the views."""
-    if not device_kernels.cpu_extension_takes(input):
-        return _forward_views(input, weight, bias, ghost_batch_size, eps)
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    return device_kernels.cpu_extension().forward(input, weight, bias, chunk_size, eps)
-
-
 def _chunk_counts(input: Tensor, ghost_batch_size: int) -> Tensor:
     """[nchunks, 1] float64 values per channel of each chunk, built on the device (no copy)."""
     chunk_size, equal, last = ghost_chunk_layout(input.shape[0], ghost_batch_size)
@@ -201,37 +164,125 @@ def _chunk_counts(input: Tensor, ghost_batch_size: int) -> Tensor:
     return counts
 
 
-def _forward_triton(input, weight, bias, ghost_batch_size, eps):
-    """CUDA, fp32/fp16/bf16 input: Triton statistics and normalization, else the views."""
-    triton = device_kernels.triton_launchers()
-    if input.dtype not in device_kernels.TRITON_DTYPES:
-        return _forward_views(input, weight, bias, ghost_batch_size, eps)
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    mean, m2 = triton.moments(input, chunk_size)  # [nchunks, C] float64
-    counts = _chunk_counts(input, ghost_batch_size)
-    invstd = torch.rsqrt(m2 / counts + eps).float()
-    scale = invstd if weight is None else invstd * weight.float()
-    out = triton.normalize(input, mean, scale, None if bias is None else bias.float(), chunk_size)
-    return out, mean.float(), invstd, (m2 / (counts - 1)).float()
+def _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd):
+    """The backward's outputs from the per-chunk sums ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    if weight is None:
+        return grad_input, input.new_empty(0), input.new_empty(0)
+    grad_weight = (sum_dy_xmu * save_invstd).sum(0)
+    return grad_input, grad_weight.to(weight.dtype), sum_dy.sum(0).to(weight.dtype)
 
 
-def _running_stats_cpu(running_mean, running_var, num_batches_tracked, means, unbiased_vars, momentum):
-    """``_new_running_stats`` in one C++ call (in float64), not a dozen small ops."""
-    return device_kernels.cpu_extension().running_stats(
-        running_mean, running_var, means, unbiased_vars, momentum, num_batches_tracked
-    )
+class _LocalKernels:
+    """The op's work on one device, any device, layout and dtype: PyTorch ops on views (the
+    default body's). A device's kernels override it and say which input they take (``takes``)."""
+
+    @staticmethod
+    def takes(input: Tensor) -> bool:
+        return True
+
+    @staticmethod
+    def forward(input, weight, bias, ghost_batch_size, eps):
+        """``(out, save_mean, save_invstd, unbiased_var)``, statistics [nchunks, C]."""
+        dtype = contract.stat_dtype(input)
+        out = torch.empty_like(input)
+        means, invstds, unbiased_vars = [], [], []
+        for x, result in zip(_segments(input, ghost_batch_size), _segments(out, ghost_batch_size)):  # 1 or 2 views
+            size = _values_per_channel(x)
+            # y: the centred values, then the output, in the statistics dtype; reduced-precision
+            # input gets a float32 scratch, so that nothing is rounded to its dtype before the end
+            y = result if input.dtype == dtype else torch.empty_like(x, dtype=dtype)
+            # Center on an estimate, then take the statistics of the centered values
+            estimate = _chunk_sums(x, dtype).div_(size)  # [chunks, C]
+            torch.sub(x, _broadcast(estimate, x), out=y)  # y holds x - estimate for now
+            offset = _chunk_sums(y, dtype).div_(size)  # [chunks, C], the mean of x - estimate
+            biased_var = (_chunk_squares(y, dtype).div_(size) - offset.square()).clamp_(min=0)
+            invstd = torch.rsqrt(biased_var + eps)
+            scale = invstd if weight is None else invstd * weight
+            # out = (y - offset) scale + bias, with no cancellation: y and offset are small
+            shift = -offset * scale
+            if bias is not None:
+                shift = shift + bias.to(dtype)
+            torch.addcmul(_broadcast(shift, x), y, _broadcast(scale, x), out=y)
+            if y is not result:
+                result.copy_(y)  # rounded once
+            means.append(estimate + offset)
+            invstds.append(invstd)
+            unbiased_vars.append(biased_var.mul_(size / max(size - 1, 1)))
+        return out, _cat(means), _cat(invstds), _cat(unbiased_vars)
+
+    @staticmethod
+    def backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+        """``(grad_input, sum_dy, sum_dy_xmu)``, sums [nchunks, C]."""
+        dtype = contract.stat_dtype(input)
+        grad_input = torch.empty_like(input)
+        start, sums_dy, sums_dy_xmu = 0, [], []
+        segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
+        for dy, x, result in segments:  # 1 or 2 views
+            chunks, size = x.shape[0], _values_per_channel(x)
+            mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
+            start += chunks
+            # dx in the statistics dtype (a float32 scratch for reduced-precision input), rounded once
+            dx = result if input.dtype == dtype and grad_out.dtype == dtype else torch.empty_like(x, dtype=dtype)
+            sum_dy = _chunk_sums(dy, dtype)  # [chunks, C]
+            torch.sub(x, _broadcast(mean, x), out=dx).mul_(dy)  # scratch: dy * (x - mean)
+            sum_dy_xmu = _chunk_sums(dx, dtype)
+            # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd,
+            # as dx = a dy + b x + c with per-(chunk, channel) coefficients.
+            a = invstd if weight is None else invstd * weight
+            b = sum_dy_xmu * invstd.square().mul_(a).mul_(-1.0 / size)
+            c = torch.addcmul(b * mean, a, sum_dy, value=1.0 / size).neg_()
+            torch.addcmul(_broadcast(c, x), x, _broadcast(b, x), out=dx)
+            dx.addcmul_(dy, _broadcast(a, x))
+            if dx is not result:
+                result.copy_(dx)
+            sums_dy.append(sum_dy)
+            sums_dy_xmu.append(sum_dy_xmu)
+        return grad_input, _cat(sums_dy), _cat(sums_dy_xmu)
 
 
-def _ghost_batch_norm(forward, new_state, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                      ghost_batch_size, momentum, eps):
-    _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
-    out, save_mean, save_invstd, unbiased = forward(input, weight, bias, ghost_batch_size, eps)
-    state = new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
+class _TritonKernels(_LocalKernels):
+    """CUDA, fp32/fp16/bf16 input: Triton statistics, normalization and gradients."""
+
+    @staticmethod
+    def takes(input: Tensor) -> bool:
+        return input.dtype in device_kernels.TRITON_DTYPES
+
+    @staticmethod
+    def forward(input, weight, bias, ghost_batch_size, eps):
+        triton = device_kernels.triton_launchers()
+        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+        mean, m2 = triton.moments(input, chunk_size)  # [nchunks, C] float64
+        counts = _chunk_counts(input, ghost_batch_size)
+        invstd = torch.rsqrt(m2 / counts + eps).float()
+        scale = invstd if weight is None else invstd * weight.float()
+        out = triton.normalize(input, mean, scale, None if bias is None else bias.float(), chunk_size)
+        return out, mean.float(), invstd, (m2 / (counts - 1)).float()
+
+    @staticmethod
+    def backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+        triton = device_kernels.triton_launchers()
+        chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+        sum_dy, sum_dy_xmu = triton.backward_sums(grad_out, input, save_mean, chunk_size)  # [nchunks, C]
+        counts = _chunk_counts(input, ghost_batch_size).float()
+        # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))) = a dy - k (x - mean) + c
+        a = save_invstd if weight is None else save_invstd * weight.float()
+        k = a * save_invstd.square() * sum_dy_xmu / counts
+        c = -a * sum_dy / counts
+        return triton.backward_input(grad_out, input, save_mean, a, k, c, chunk_size), sum_dy, sum_dy_xmu
+
+
+
+def _ghost_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size,
+                      momentum, eps):
+    """The op's body around a device's local work (``kernels``: ``_LocalKernels`` or a subclass)."""
+    _check_args(input, ghost_batch_size, running_mean, running_var, momentum, num_batches_tracked)
+    local = device_kernels.local_kernels(kernels, input)
+    out, save_mean, save_invstd, unbiased = local.forward(input, weight, bias, ghost_batch_size, eps)
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
     return (out, *state, save_mean, save_invstd)
 
 
-@torch.library.custom_op("bnfx::ghost_batch_norm", mutates_args=())
-def ghost_batch_norm(
+def _default_forward(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -249,85 +300,30 @@ def ghost_batch_norm(
     ``save_mean``/``save_invstd`` are ``[nchunks, C]`` for the backward.
     """
     return _ghost_batch_norm(
-        _forward_views, _new_state, input, weight, bias, running_mean, running_var, num_batches_tracked,
-        ghost_batch_size, momentum, eps,
+        _LocalKernels, input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size,
+        momentum, eps,
     )
+
+
+ghost_batch_norm = device_kernels.custom_op("ghost_batch_norm", _default_forward)
 
 
 @ghost_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
-    _check_args(input, ghost_batch_size, running_mean, momentum, num_batches_tracked)
+    _check_args(input, ghost_batch_size, running_mean, running_var, momentum, num_batches_tracked)
     nchunks = ghost_chunk_count(input.shape[0], ghost_batch_size)
     stats = input.new_empty((nchunks, input.shape[1]), dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats))
 
 
-def _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd):
-    """The backward's outputs from the per-chunk sums ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    if weight is None:
-        return grad_input, input.new_empty(0), input.new_empty(0)
-    grad_weight = (sum_dy_xmu * save_invstd).sum(0)
-    return grad_input, grad_weight.to(weight.dtype), sum_dy.sum(0).to(weight.dtype)
-
-
-def _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
-    """Any device, layout and dtype: ``(grad_input, sum_dy, sum_dy_xmu)``, sums [nchunks, C]."""
-    dtype = contract.stat_dtype(input)
-    grad_input = torch.empty_like(input)
-    start, sums_dy, sums_dy_xmu = 0, [], []
-    segments = zip(*(_segments(t, ghost_batch_size) for t in (grad_out, input, grad_input)))
-    for dy, x, result in segments:  # 1 or 2 views
-        chunks, size = x.shape[0], _values_per_channel(x)
-        mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
-        start += chunks
-        # dx in the statistics dtype (a float32 scratch for reduced-precision input), rounded once
-        dx = result if input.dtype == dtype and grad_out.dtype == dtype else torch.empty_like(x, dtype=dtype)
-        sum_dy = _chunk_sums(dy, dtype)  # [chunks, C]
-        torch.sub(x, _broadcast(mean, x), out=dx).mul_(dy)  # scratch: dy * (x - mean)
-        sum_dy_xmu = _chunk_sums(dx, dtype)
-        # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd,
-        # as dx = a dy + b x + c with per-(chunk, channel) coefficients.
-        a = invstd if weight is None else invstd * weight
-        b = sum_dy_xmu * invstd.square().mul_(a).mul_(-1.0 / size)
-        c = torch.addcmul(b * mean, a, sum_dy, value=1.0 / size).neg_()
-        torch.addcmul(_broadcast(c, x), x, _broadcast(b, x), out=dx)
-        dx.addcmul_(dy, _broadcast(a, x))
-        if dx is not result:
-            result.copy_(dx)
-        sums_dy.append(sum_dy)
-        sums_dy_xmu.append(sum_dy_xmu)
-    return grad_input, _cat(sums_dy), _cat(sums_dy_xmu)
-
-
-def _backward_cpu(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
-    if not device_kernels.cpu_extension_takes(input):
-        return _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    return device_kernels.cpu_extension().backward(grad_out, input, weight, save_mean, save_invstd, chunk_size)
-
-
-def _backward_triton(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
-    triton = device_kernels.triton_launchers()
-    if input.dtype not in device_kernels.TRITON_DTYPES:
-        return _backward_views(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    sum_dy, sum_dy_xmu = triton.backward_sums(grad_out, input, save_mean, chunk_size)  # [nchunks, C]
-    counts = _chunk_counts(input, ghost_batch_size).float()
-    # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))) = a dy - k (x - mean) + c
-    a = save_invstd if weight is None else save_invstd * weight.float()
-    k = a * save_invstd.square() * sum_dy_xmu / counts
-    c = -a * sum_dy / counts
-    return triton.backward_input(grad_out, input, save_mean, a, k, c, chunk_size), sum_dy, sum_dy_xmu
-
-
-def _ghost_batch_norm_backward(backward, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
-    grad_input, sum_dy, sum_dy_xmu = backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+def _ghost_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    local = device_kernels.local_kernels(kernels, input)
+    grad_input, sum_dy, sum_dy_xmu = local.backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
     return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
 
 
-@torch.library.custom_op("bnfx::ghost_batch_norm_backward", mutates_args=())
-def ghost_batch_norm_backward(
+def _default_backward(
     grad_out: Tensor,
     input: Tensor,
     weight: Tensor | None,
@@ -341,8 +337,11 @@ def ghost_batch_norm_backward(
     ``grad_weight`` and ``grad_bias`` are empty when ``weight`` is None.
     """
     return _ghost_batch_norm_backward(
-        _backward_views, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps
+        _LocalKernels, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps
     )
+
+
+ghost_batch_norm_backward = device_kernels.custom_op("ghost_batch_norm_backward", _default_backward)
 
 
 @ghost_batch_norm_backward.register_fake
@@ -351,18 +350,10 @@ def _(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
 
 
 contract.register_autograd(ghost_batch_norm, torch.ops.bnfx.ghost_batch_norm_backward, ("ghost_batch_size", "eps"))
-
-# Device kernels: the same op around each device's forward and backward.
-if device_kernels.cpu_extension() is not None:
-    _new_state_cpu = functools.partial(_new_state, running_stats=_running_stats_cpu)
-    device_kernels.register(ghost_batch_norm, "cpu", functools.partial(_ghost_batch_norm, _forward_cpu, _new_state_cpu))
-    device_kernels.register(
-        ghost_batch_norm_backward, "cpu", functools.partial(_ghost_batch_norm_backward, _backward_cpu)
-    )
 if device_kernels.triton_launchers() is not None:
-    device_kernels.register(ghost_batch_norm, "cuda", functools.partial(_ghost_batch_norm, _forward_triton, _new_state))
-    device_kernels.register(
-        ghost_batch_norm_backward, "cuda", functools.partial(_ghost_batch_norm_backward, _backward_triton)
+    device_kernels.register_local_kernels(
+        "cuda", _TritonKernels,
+        (ghost_batch_norm, _ghost_batch_norm), (ghost_batch_norm_backward, _ghost_batch_norm_backward),
     )
 
 

@@ -14,6 +14,10 @@ alone), it computes what the module's own forward would, from the ops bnfx alrea
 ``group_name`` when it names one, else over the batch (one ghost batch of the whole batch),
 with torch's cumulative average when ``momentum`` is None. Returns ``(out,
 new_running_mean, new_running_var, new_num_batches_tracked)``, empty where the state is None.
+
+Its one layer is that composition (CompositeImplicitAutograd), not a ``custom_op`` as the
+other ops are: it names a site and has no kernels of its own, so every tracer, autograd and
+device see the ghost or sync op it calls, with their layers.
 """
 
 from __future__ import annotations

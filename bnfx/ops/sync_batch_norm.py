@@ -18,15 +18,23 @@ spread (1e4 + 1e-2 randn: every digit cancels); shifting and float64 keep it. Co
 tensors throughout: no ``.item()``, no host synchronization, and an empty rank contributes
 zeros. The backward all-reduces ``[sum(dy), sum(dy * x_hat)]`` (2 C values) once.
 
-The collectives are the op's own, on every device (gloo for CPU tensors, NCCL for CUDA);
-the local work around them is each device's (``_LocalKernels`` and its subclasses),
-chosen by the dispatcher. The default body normalizes with torch's own fused eval-mode
-kernels fed the global statistics, so any layout, dtype and device takes it.
+The collectives are the op's own, on every device (gloo for CPU tensors, NCCL for CUDA).
+The op's layers, in dispatch order:
+
+- autograd: on CPU the C++ autograd kernel (``csrc/sync_batch_norm_cpu.cpp``, AutogradCPU),
+  elsewhere ``batch_norm_contract.register_autograd``; both call
+  ``bnfx::sync_batch_norm_backward``, which has the same layers below autograd;
+- fake tensors (``register_fake``): the output shapes, and the argument checks;
+- CPU: the C++ kernels (``csrc/sync_batch_norm_cpu.cpp``, registered from C++): this body in
+  C++, with the C++ statistics, for every CPU call;
+- CUDA, fp32/fp16/bf16 input: this body around Triton's local work (``_TritonKernels``,
+  through ``device_kernels.register_local_kernels``);
+- the default body, any other device, layout and dtype: PyTorch's local work
+  (``_LocalKernels``); it normalizes with torch's own fused eval-mode kernels fed the global
+  statistics.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -51,8 +59,8 @@ def _channel_view(per_channel: Tensor, input: Tensor) -> Tensor:
 
 
 class _LocalKernels:
-    """A rank's local work, any device, layout and dtype: PyTorch ops. A device's kernels
-    override it and say which inputs they take (``takes``)."""
+    """A rank's local work, any device, layout and dtype: PyTorch ops (the default body's). A
+    device's kernels override it and say which input they take (``takes``)."""
 
     @staticmethod
     def takes(input: Tensor) -> bool:
@@ -101,30 +109,6 @@ class _LocalKernels:
         return grad_input.addcmul_(grad_out, _channel_view(a, input)).to(input.dtype)
 
 
-class _CpuKernels(_LocalKernels):
-    """CPU, contiguous fp32/fp64 input: the C++ statistics (float64), normalization and input
-    gradient."""
-
-    takes = staticmethod(device_kernels.cpu_extension_takes)
-
-    @staticmethod
-    def moments(input):
-        return device_kernels.cpu_extension().moments(input)
-
-    @staticmethod
-    def normalize(input, mean, var, weight, bias, eps):
-        scale = torch.rsqrt(var + eps)
-        scale = scale if weight is None else scale * weight.double()
-        shift = torch.zeros_like(scale) if bias is None else bias.double()
-        return device_kernels.cpu_extension().normalize(input, mean, scale, shift)
-
-    @staticmethod
-    def grad_input(grad_out, input, save_mean, a, k, c):
-        if grad_out.dtype != input.dtype:
-            return _LocalKernels.grad_input(grad_out, input, save_mean, a, k, c)
-        return device_kernels.cpu_extension().affine_grad(grad_out, input, a, k, c, mean=save_mean)
-
-
 class _TritonKernels(_LocalKernels):
     """CUDA, fp32/fp16/bf16 input: the Triton kernels, the batch as one chunk."""
 
@@ -157,11 +141,6 @@ class _TritonKernels(_LocalKernels):
         return device_kernels.triton_launchers().backward_input(
             grad_out, input, save_mean[None], *coefficients, max(input.shape[0], 1)
         )
-
-
-def _local_kernels(device_kernel_set, input: Tensor):
-    """A device's local kernels where they take ``input``, else the PyTorch ones."""
-    return device_kernel_set if device_kernel_set.takes(input) else _LocalKernels
 
 
 def _global_moments(local, input: Tensor, shift: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,8 +182,8 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
 
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
-    contract.check_args(input, running_mean, momentum, num_batches_tracked)
-    local = _local_kernels(kernels, input)
+    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
+    local = device_kernels.local_kernels(kernels, input)
     channels = input.shape[1]
     shift = (
         running_mean.detach().double()
@@ -218,8 +197,7 @@ def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, nu
     return (out, *state, mean.to(dtype), var.to(dtype), total)
 
 
-@torch.library.custom_op("bnfx::sync_batch_norm", mutates_args=())
-def sync_batch_norm(
+def _default_forward(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -242,16 +220,19 @@ def sync_batch_norm(
     )
 
 
+sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
+
+
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
-    contract.check_args(input, running_mean, momentum, num_batches_tracked)
+    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
 
 
 def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
-    local = _local_kernels(kernels, input)
+    local = device_kernels.local_kernels(kernels, input)
     if input.numel() == 0:  # torch's kernel divides by the batch size
         sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
     else:
@@ -269,8 +250,7 @@ def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_
     return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
 
 
-@torch.library.custom_op("bnfx::sync_batch_norm_backward", mutates_args=())
-def sync_batch_norm_backward(
+def _default_backward(
     grad_out: Tensor,
     input: Tensor,
     weight: Tensor | None,
@@ -290,6 +270,9 @@ def sync_batch_norm_backward(
     )
 
 
+sync_batch_norm_backward = device_kernels.custom_op("sync_batch_norm_backward", _default_backward)
+
+
 @sync_batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
     return contract.fake_input_grads(input, weight)
@@ -297,15 +280,8 @@ def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
 
 contract.register_autograd(sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"))
 
-# Device kernels: the same op, collectives included, around each device's local work.
-def _register(device_type: str, local) -> None:
-    device_kernels.register(sync_batch_norm, device_type, functools.partial(_sync_batch_norm, local))
-    device_kernels.register(
-        sync_batch_norm_backward, device_type, functools.partial(_sync_batch_norm_backward, local)
-    )
-
-
-if device_kernels.cpu_extension() is not None:
-    _register("cpu", _CpuKernels)
 if device_kernels.triton_launchers() is not None:
-    _register("cuda", _TritonKernels)
+    device_kernels.register_local_kernels(
+        "cuda", _TritonKernels,
+        (sync_batch_norm, _sync_batch_norm), (sync_batch_norm_backward, _sync_batch_norm_backward),
+    )

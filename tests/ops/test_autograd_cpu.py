@@ -1,6 +1,7 @@
-"""The ops' C++ autograd kernels for CPU (csrc/ghost_autograd_cpu.cpp, sync_autograd_cpu.cpp):
-where they compute in C++, they give bit for bit what the ops' registered kernels give through
-the dispatcher; everything else reaches those kernels."""
+"""The ops' CPU layers in C++ (csrc/ghost_batch_norm_cpu.cpp, sync_batch_norm_cpu.cpp): the
+autograd kernel gives bit for bit what the op gives under a dispatch mode; the CPU kernels take
+every CPU call (other layouts and dtypes too) with no Python kernel on the way, and raise the
+Python op's errors."""
 
 import pytest
 import torch
@@ -8,8 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnfx  # noqa: F401
 from bnfx.ops import device_kernels
-from bnfx.ops.ghost_batch_norm import _forward_views, ghost_batch_norm
-from bnfx.ops.sync_batch_norm import sync_batch_norm
+from bnfx.ops import ghost_batch_norm, sync_batch_norm
 from world_of_one import world_of_one
 
 op = torch.ops.bnfx.ghost_batch_norm
@@ -17,8 +17,8 @@ sync_op = torch.ops.bnfx.sync_batch_norm
 
 
 class Through(TorchDispatchMode):
-    """Runs every op as it is, and records bnfx's: with a mode active, the autograd kernel
-    sends the call below autograd to the registered kernels."""
+    """Runs every op as it is, and records bnfx's: the autograd kernel's call below autograd
+    passes through the mode."""
 
     def __init__(self):
         super().__init__()
@@ -54,13 +54,13 @@ def run(x, weight, bias, state, g, momentum, grad, group_name=None):
         ((7, 3, 2, 2, 2), 7, 0.1, True, True, torch.float64),
     ],
 )
-def test_cpp_path_equals_the_registered_kernels(shape, g, momentum, affine, track, dtype):
+def test_autograd_kernel_equals_the_op_under_a_dispatch_mode(shape, g, momentum, affine, track, dtype):
     assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, g=g)
 
 
 def assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, g=None, group_name=None):
-    """The op called plainly (the C++ path) and under a TorchDispatchMode (the registered
-    kernels): forward, new state and gradients bit for bit."""
+    """The op called plainly and under a TorchDispatchMode: forward, new state and gradients
+    bit for bit, and the mode sees the forward and backward ops."""
     torch.manual_seed(0)
     C = shape[1]
     x = torch.randn(shape, dtype=dtype) * 2 + 5
@@ -82,25 +82,32 @@ def assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, g=N
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-def test_inputs_the_cpp_kernels_do_not_take_reach_the_registered_kernels():
+@pytest.mark.parametrize("group", [False, True], ids=["ghost", "sync"])
+def test_the_cpu_kernels_take_other_layouts_and_dtypes(group, request):
+    group_name = request.getfixturevalue("group_name") if group else None
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4) + 2
     weight, bias = torch.rand(3) + 0.5, torch.randn(3)
     grad = torch.randn(8, 3, 4, 4)
-    for layout in (x.to(memory_format=torch.channels_last), x.transpose(2, 3), x.half()):
-        expected = run(layout.float().contiguous(), weight, bias, (None, None, None), 4, 0.1, grad)
-        got = run(layout, weight, bias, (None, None, None), 4, 0.1, grad.to(layout.dtype))
-        rtol = 1e-2 if layout.dtype == torch.half else 1e-5
+    layouts = (x.to(memory_format=torch.channels_last), x.transpose(2, 3), x.half(), x.bfloat16())
+    for layout in layouts:
+        expected = run(layout.float().contiguous(), weight, bias, (None, None, None), 4, 0.1, grad, group_name)
+        got = run(layout, weight, bias, (None, None, None), 4, 0.1, grad.to(layout.dtype), group_name)
+        # the output and the input gradient in the input's dtype and layout, as the default bodies give them
+        for result in (got[0], got[-3]):
+            assert result.dtype == layout.dtype and result.stride() == torch.empty_like(layout).stride()
+        # float32 input rounded to the input dtype: float16 to 2^-11, bfloat16 to 2^-8 (outputs ~3)
+        rtol = {torch.half: 2e-3, torch.bfloat16: 2e-2}.get(layout.dtype, 1e-5)
         for a, b in zip(expected, got):
-            torch.testing.assert_close(b.float(), a, rtol=rtol, atol=rtol)
+            torch.testing.assert_close(b.to(a.dtype), a, rtol=rtol, atol=rtol * 4)
 
 
-def test_default_bodies_turn_the_cpp_path_off():
+def test_default_bodies_turn_the_cpp_kernels_off():
     torch.manual_seed(0)
     x, weight, bias = torch.randn(16, 8) * 3 + 1, torch.rand(8) + 0.5, torch.randn(8)
     with device_kernels.default_bodies("cpu"):
-        out = op(x, weight, bias, None, None, None, 4, 0.1, 1e-5)[0]
-    assert torch.equal(out, _forward_views(x, weight, bias, 4, 1e-5)[0])
+        out = op(x.requires_grad_(), weight, bias, None, None, None, 4, 0.1, 1e-5)[0]
+    assert torch.equal(out, ghost_batch_norm._LocalKernels.forward(x.detach(), weight, bias, 4, 1e-5)[0])
     # and on again after the block: the C++ kernel's rounding differs from the views'
     assert not torch.equal(op(x, weight, bias, None, None, None, 4, 0.1, 1e-5)[0], out)
 
@@ -130,15 +137,21 @@ def test_only_state_outputs_used_gives_no_gradient():
     assert torch.equal(x.grad, torch.zeros(8, 3))
 
 
-def test_plain_calls_compute_in_cpp_without_the_registered_kernels():
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(16, 8) * 3 + 1, torch.rand(8) + 0.5, torch.randn(8)
-    expected = device_kernels.cpu_extension().forward(x, weight, bias, 4, 1e-5)[0]
-    # with the Python CPU kernel off, only the C++ autograd kernel can give the C++ kernel's output
-    with ghost_batch_norm.set_kernel_enabled("cpu", False):
-        out = op(x.requires_grad_(), weight, bias, None, None, None, 4, 0.1, 1e-5)[0]
-        assert not torch.equal(_forward_views(x.detach(), weight, bias, 4, 1e-5)[0], expected)
-    assert torch.equal(out, expected)
+@pytest.mark.parametrize("group", [False, True], ids=["ghost", "sync"])
+def test_cpu_calls_run_no_python_kernel(group, request, monkeypatch):
+    """The Python local work runs under default_bodies only: the CPU kernels are C++."""
+    group_name = request.getfixturevalue("group_name") if group else None
+    module = sync_batch_norm if group else ghost_batch_norm
+    called = []
+    for name in ("moments", "grad_sums") if group else ("forward", "backward"):
+        original = getattr(module._LocalKernels, name)
+        monkeypatch.setattr(module._LocalKernels, name, staticmethod(lambda *a, f=original: called.append(f) or f(*a)))
+    x, grad = torch.randn(16, 8) * 3 + 1, torch.randn(16, 8)
+    run(x, None, None, (None, None, None), 4, 0.1, grad, group_name)
+    assert called == []
+    with device_kernels.default_bodies("cpu"):
+        run(x, None, None, (None, None, None), 4, 0.1, grad, group_name)
+    assert len(called) == 2
 
 
 @pytest.fixture(scope="module")
@@ -159,17 +172,6 @@ def group_name():
 )
 def test_sync_cpp_path_equals_the_registered_kernels(group_name, shape, momentum, affine, track, dtype):
     assert_cpp_path_equals_dispatched(shape, momentum, affine, track, dtype, group_name=group_name)
-
-
-def test_sync_plain_calls_compute_in_cpp_without_the_registered_kernels(group_name):
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(16, 8) * 3 + 1, torch.rand(8) + 0.5, torch.randn(8)
-    with device_kernels.default_bodies("cpu"):
-        views = sync_op(x, weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
-    registered = sync_op(x, weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
-    with sync_batch_norm.set_kernel_enabled("cpu", False):  # only the C++ autograd kernel gives C++ results
-        direct = sync_op(x.requires_grad_(), weight, bias, None, None, None, 0.1, 1e-5, group_name)[0]
-    assert not torch.equal(views, registered) and torch.equal(direct, registered)
 
 
 def test_sync_refused_calls_raise_the_ops_errors(group_name):

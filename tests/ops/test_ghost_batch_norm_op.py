@@ -17,12 +17,14 @@ op = torch.ops.bnfx.ghost_batch_norm
 
 def test_fused_cpu_kernel_is_built():
     # setup.py builds it as optional; the suite insists, so a broken build does not go unseen
-    extension = device_kernels.cpu_extension()
-    assert extension is not None
+    library = device_kernels.cpu_kernels()
+    assert library is not None
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert extension.__name__ == "bnfx.ops._cpu_kernels_avx2"
-    for name in ("ghost_batch_norm", "ghost_batch_norm_backward"):
+        assert library == "_cpu_kernels_avx2"
+    for name in ("ghost_batch_norm", "ghost_batch_norm_backward", "sync_batch_norm", "sync_batch_norm_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfx::{name}", "CPU")
+    for name in ("ghost_batch_norm", "sync_batch_norm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnfx::{name}", "AutogradCPU")
 
 
 def test_layout_matches_torch_chunk():

@@ -21,28 +21,26 @@ def test_the_kernel_table_names_this_installs_kernels():
     assert result.returncode == 0, result.stderr
     cpu_row = next(line for line in result.stdout.splitlines() if line.startswith("cpu"))
     kernel = re.split(r"\s{2,}", cpu_row)[1]
-    built = device_kernels.cpu_extension() is not None
+    built = device_kernels.cpu_kernels() is not None
     assert kernel.startswith("C++ kernels (_cpu_kernels") == built and ("default bodies" in kernel) != built
     assert any(line.startswith("cuda") for line in result.stdout.splitlines())
 
 
 def test_an_extension_that_fails_to_load_is_a_warning():
     result = _run("""
-        import importlib.abc, importlib.machinery, sys
+        import importlib.abc, importlib.machinery, sys, tempfile
 
-        class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        broken = tempfile.NamedTemporaryFile(suffix=".so")  # not a shared library: dlopen refuses it
+
+        class Broken(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
                 if name.startswith("bnfx.ops._cpu_kernels"):
-                    return importlib.machinery.ModuleSpec(name, self)
-            def create_module(self, spec):
-                raise ImportError("undefined symbol: simulated")
-            def exec_module(self, module):
-                pass
+                    return importlib.machinery.ModuleSpec(name, None, origin=broken.name)
 
         sys.meta_path.insert(0, Broken())
     """, "import bnfx; from bnfx.ops.device_kernels import kernel_table; print(kernel_table()[0][1])")
     assert "WARNING:bnfx:bnfx: the C++ CPU kernels bnfx.ops._cpu_kernels" in result.stderr
-    assert "were built but fail to load (undefined symbol: simulated)" in result.stderr
+    assert "were built but fail to load (" in result.stderr
     assert result.stdout.strip().startswith("the ops' PyTorch default bodies")
 
 
@@ -61,7 +59,7 @@ def test_the_cpp_side_reads_the_op_contracts_output_layout():
 
     from bnfx.ops import batch_norm_contract as contract
 
-    header = pathlib.Path(contract.__file__).parent / "csrc" / "autograd_fast_path.h"
+    header = pathlib.Path(contract.__file__).parent / "csrc" / "op_support_cpu.h"
     [first_saved] = re.findall(r"constexpr size_t kFirstSavedOutput = (\d+);", header.read_text())
     assert int(first_saved) == contract.FIRST_SAVED == contract.output_names("ghost_batch_norm").index("save_mean")
     assert contract.output_names("sync_batch_norm")[contract.FIRST_SAVED] == "save_mean"

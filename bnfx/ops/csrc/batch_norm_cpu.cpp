@@ -1,4 +1,4 @@
-// CPU kernels of bnfx::ghost_batch_norm, and the local statistics of bnfx::sync_batch_norm,
+// The C++ math of the bnfx ops' CPU kernels (ghost_batch_norm_cpu.cpp, sync_batch_norm_cpu.cpp),
 // for contiguous float/double input [B, C, S]
 // (S = product of the spatial sizes, 1 for [B, C] input). Chunk j holds samples
 // [j * chunk_size, min(B, (j + 1) * chunk_size)). Each (chunk, channel) is reduced and
@@ -18,10 +18,10 @@
 //   and recovers its lo from the data.
 // Statistics come back in the math type (double for moments).
 
-#include "autograd_fast_path.h"
 #include "batch_norm_cpu.h"
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -576,23 +576,4 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
   return {new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
 }
 
-std::atomic<bool> fast_path_enabled{true};
-
-void set_fast_path(bool enabled) { fast_path_enabled.store(enabled, std::memory_order_relaxed); }
-
 }  // namespace bnfx_cpu
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  using namespace bnfx_cpu;
-  m.def("forward", &forward, "ghost batch norm forward on contiguous CPU input");
-  m.def("backward", &backward, "ghost batch norm backward on contiguous CPU input");
-  m.def("set_fast_path", &set_fast_path,
-        "whether the ops' CPU autograd kernels compute in C++ where the kernels take the call");
-  m.def("running_stats", &running_stats, "ghost batch norm's new running mean and variance, in double");
-  m.def("moments", &moments, "per-channel mean and centered sum of squares of contiguous CPU input");
-  m.def("normalize", &normalize, "(x - mean) scale + shift with per-channel coefficients, contiguous CPU input");
-  m.def("affine_grad", &affine_grad,
-        "a dy - k x + c0, or a dy - k (x - mean) + c0 given mean, with per-channel coefficients, contiguous CPU input",
-        py::arg("grad_out"), py::arg("input"), py::arg("a"), py::arg("k"), py::arg("c0"), py::arg("mean") = py::none());
-}

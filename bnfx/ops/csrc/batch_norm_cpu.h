@@ -1,5 +1,5 @@
-// The C++ CPU kernels' entry points (batch_norm_cpu.cpp): Python binds them, and the
-// autograd kernel of bnfx::ghost_batch_norm (ghost_autograd_cpu.cpp) calls them directly.
+// The C++ math (batch_norm_cpu.cpp) the ops' CPU kernels (ghost_batch_norm_cpu.cpp,
+// sync_batch_norm_cpu.cpp) compute with.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,9 +29,5 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
                      const at::Tensor& shift);
 at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a,
                        const at::Tensor& k, const at::Tensor& c0, const std::optional<at::Tensor>& mean);
-
-// Whether the ops' CPU autograd kernels compute in C++ where the kernels take the call (off
-// while the ops run their default bodies, device_kernels.default_bodies("cpu")).
-void set_fast_path(bool enabled);
 
 }  // namespace bnfx_cpu

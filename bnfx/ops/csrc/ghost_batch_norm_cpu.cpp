@@ -1,0 +1,155 @@
+// bnfx::ghost_batch_norm on CPU tensors: its CPU kernels (forward and backward, what the
+// dispatcher runs below autograd) and its autograd kernel (AutogradCPU), registered with the
+// dispatcher; other devices keep the op's Python layers (ghost_batch_norm.py).
+//
+// The kernels take every CPU call: contiguous float/double input directly, other input through
+// a contiguous float32/float64 copy (float16 and bfloat16 computed in float32, as the default
+// body does), results in the input's dtype and layout. They check their arguments as the
+// Python op does, with its messages.
+//
+// The autograd kernel is one C++ node: it sends the forward below autograd (to these kernels,
+// or to whatever a dispatch mode or a fake tensor calls for) and its backward calls
+// bnfx::ghost_batch_norm_backward, with no Python on the way.
+
+#include "batch_norm_cpu.h"
+#include "op_support_cpu.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using GhostOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using GhostSignature = GhostOutputs(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                    const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, c10::SymInt,
+                                    std::optional<double>, double);
+using GradOutputs = std::tuple<Tensor, Tensor, Tensor>;
+using GhostBackwardSignature = GradOutputs(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&,
+                                           const Tensor&, c10::SymInt, double);
+
+// Composer's split (ghost_batch_norm.ghost_chunk_layout): the chunk size of ceil(B / g) chunks.
+int64_t chunk_size_of(int64_t batch, int64_t ghost_batch_size) {
+  const int64_t nchunks = (batch + ghost_batch_size - 1) / ghost_batch_size;
+  return (batch + nchunks - 1) / nchunks;
+}
+
+// ghost_batch_norm.py's _check_args, with its messages; returns the chunk size.
+int64_t checked_chunk_size(const Tensor& input, int64_t ghost_batch_size, const OptionalTensor& running_mean,
+                           const OptionalTensor& running_var, std::optional<double> momentum,
+                           const OptionalTensor& num_batches_tracked) {
+  TORCH_CHECK_VALUE(ghost_batch_size >= 1, "ghost_batch_size must be a positive int, got ", ghost_batch_size);
+  bnfx_cpu::check_args(input, running_mean, running_var, momentum, num_batches_tracked);
+  const int64_t batch = input.size(0);
+  TORCH_CHECK_VALUE(batch != 0, "input must have a non-empty batch dimension, got batch size 0");
+  const int64_t chunk_size = chunk_size_of(batch, ghost_batch_size);
+  const int64_t nchunks = (batch + ghost_batch_size - 1) / ghost_batch_size;
+  int64_t per_sample = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) per_sample *= input.size(d);
+  TORCH_CHECK_VALUE((batch - (nchunks - 1) * chunk_size) * per_sample != 1,
+                    "ghost batch norm needs more than 1 value per channel in every ghost batch, got a ghost batch of "
+                    "1 sample of shape ",
+                    bnfx_cpu::python_tuple(input.sizes().slice(1)), " (batch size ", batch,
+                    ", ghost_batch_size=", ghost_batch_size,
+                    ", split as input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
+                    "ghost_batch_size whose last ghost batch has 2 samples or more");
+  return chunk_size;
+}
+
+GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                  const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                                  const OptionalTensor& num_batches_tracked, c10::SymInt ghost_batch_size,
+                                  std::optional<double> momentum, double eps) {
+  const int64_t chunk_size = checked_chunk_size(input, ghost_batch_size.expect_int(), running_mean, running_var,
+                                                momentum, num_batches_tracked);
+  const Tensor x = bnfx_cpu::kernel_input(input, bnfx_cpu::math_type(input));
+  auto r = bnfx_cpu::forward(x, weight, bias, chunk_size, eps);  // out, mean, invstd, unbiased var
+  Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
+  if (running_mean.has_value()) {
+    auto state = bnfx_cpu::running_stats(*running_mean, *running_var, r[1], r[3], momentum, num_batches_tracked);
+    new_mean = state[0];
+    new_var = state[1];
+  }
+  const int64_t nchunks = r[1].size(0);
+  Tensor new_tracked = num_batches_tracked.has_value() ? *num_batches_tracked + nchunks : input.new_empty({0});
+  return {bnfx_cpu::like_input(r[0], input), new_mean, new_var, new_tracked, r[1], r[2]};
+}
+
+GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
+                                          const Tensor& save_mean, const Tensor& save_invstd,
+                                          c10::SymInt ghost_batch_size, double eps) {
+  const auto type = bnfx_cpu::math_type(input);
+  const int64_t chunk_size = chunk_size_of(input.size(0), ghost_batch_size.expect_int());
+  // grad_input, then per-chunk sum(dy) and sum(dy (x - mean)) [nchunks, C]
+  auto r = bnfx_cpu::backward(bnfx_cpu::kernel_input(grad_out, type), bnfx_cpu::kernel_input(input, type), weight,
+                              save_mean, save_invstd, chunk_size);
+  return bnfx_cpu::backward_outputs(bnfx_cpu::like_input(r[0], input), input, weight, (r[2] * save_invstd).sum(0),
+                                    r[1].sum(0));
+}
+
+const c10::OperatorHandle& ghost_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::ghost_batch_norm", "");
+  return op;
+}
+
+const c10::OperatorHandle& ghost_backward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::ghost_batch_norm_backward", "");
+  return op;
+}
+
+class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
+                               const OptionalTensor& bias, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+                               c10::SymInt ghost_batch_size, std::optional<double> momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, new_mean, new_var, new_tracked, save_mean, save_invstd] = ghost_op().typed<GhostSignature>().call(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps);
+    variable_list outputs{out, new_mean, new_var, new_tracked, save_mean, save_invstd};
+    bnfx_cpu::keep_for_backward(ctx, outputs, input, weight, bias, eps);  // saves mean, invstd
+    ctx->saved_data["ghost_batch_size"] = ghost_batch_size;
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(9);  // only the state outputs were used
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const OptionalTensor weight = has_weight ? OptionalTensor(saved[1]) : std::nullopt;
+    // below autograd unless a graph of the backward is asked for (create_graph): then the
+    // backward op's own autograd says it has none
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    auto [grad_input, grad_weight, grad_bias] = ghost_backward_op().typed<GhostBackwardSignature>().call(
+        grads[0], saved[0], weight, saved[2], saved[3], ctx->saved_data["ghost_batch_size"].toSymInt(),
+        ctx->saved_data["eps"].toDouble());
+    return bnfx_cpu::input_gradients(grad_input, grad_weight, grad_bias, has_weight,
+                                     ctx->saved_data["has_bias"].toBool());
+  }
+};
+
+GhostOutputs ghost_batch_norm_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                       const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                                       const OptionalTensor& num_batches_tracked, c10::SymInt ghost_batch_size,
+                                       std::optional<double> momentum, double eps) {
+  auto o = GhostBatchNorm::apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                 std::move(ghost_batch_size), momentum, eps);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfx, CPU, m) {
+  m.impl("ghost_batch_norm", TORCH_FN(ghost_batch_norm_cpu));
+  m.impl("ghost_batch_norm_backward", TORCH_FN(ghost_batch_norm_backward_cpu));
+}
+
+TORCH_LIBRARY_IMPL(bnfx, AutogradCPU, m) { m.impl("ghost_batch_norm", TORCH_FN(ghost_batch_norm_autograd)); }

@@ -1,0 +1,98 @@
+// What the CPU layers of the bnfx ops (ghost_batch_norm_cpu.cpp, sync_batch_norm_cpu.cpp)
+// share: the op contract's output layout, the argument checks the Python ops make (with their
+// messages), the conversion of any CPU input to what the C++ math takes, and the autograd
+// set-up.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/autograd.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace bnfx_cpu {
+
+// Where an op's saved outputs start: after the output and the three new-state outputs
+// (bnfx/ops/batch_norm_contract.py's FIRST_SAVED; a test compares them).
+constexpr size_t kFirstSavedOutput = 4;
+
+// A shape as Python writes a tuple: "(5, 3)", "(3,)", "()".
+inline std::string python_tuple(at::IntArrayRef sizes) {
+  std::ostringstream text;
+  text << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text << (i ? ", " : "") << sizes[i];
+  text << (sizes.size() == 1 ? ",)" : ")");
+  return text.str();
+}
+
+// batch_norm_contract.check_args: the checks every bnfx batch-norm op makes, same messages.
+inline void check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& running_var, std::optional<double> momentum,
+                       const std::optional<at::Tensor>& num_batches_tracked) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got shape ",
+                    python_tuple(input.sizes()));
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must both be given or both be None");
+  TORCH_CHECK_VALUE(!(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value()),
+                    "momentum=None (cumulative average) needs num_batches_tracked, got None");
+}
+
+// The type the C++ math computes in: double for double input, float for the rest (float16 and
+// bfloat16 as the ops' default bodies compute them: statistics and outputs in float32, rounded
+// once at the end).
+inline at::ScalarType math_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ``t`` as the C++ math reads it: contiguous, of ``type`` (``t`` itself where it already is).
+inline at::Tensor kernel_input(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
+
+// A result of the C++ math as the default bodies return it: the input's dtype and layout
+// (``torch.empty_like(input)``).
+inline at::Tensor like_input(const at::Tensor& result, const at::Tensor& input) {
+  if (result.scalar_type() == input.scalar_type() && input.is_contiguous()) return result;
+  return at::empty_like(input).copy_(result);
+}
+
+// What a forward keeps for its backward: every output but the first is state or statistics,
+// not differentiable (and gets no zero gradient); saved are the input, the weight and the
+// outputs from kFirstSavedOutput on.
+inline void keep_for_backward(torch::autograd::AutogradContext* ctx, const std::vector<at::Tensor>& outputs,
+                              const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps) {
+  ctx->mark_non_differentiable(std::vector<at::Tensor>(outputs.begin() + 1, outputs.end()));
+  ctx->set_materialize_grads(false);
+  std::vector<at::Tensor> saved{input, weight.value_or(at::Tensor())};
+  saved.insert(saved.end(), outputs.begin() + kFirstSavedOutput, outputs.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_weight"] = weight.has_value();
+  ctx->saved_data["has_bias"] = bias.has_value();
+}
+
+// A backward's gradients for the op's 9 inputs: input, then weight and bias where given.
+inline std::vector<at::Tensor> input_gradients(const at::Tensor& grad_input, const at::Tensor& grad_weight,
+                                               const at::Tensor& grad_bias, bool has_weight, bool has_bias) {
+  std::vector<at::Tensor> grads(9);
+  grads[0] = grad_input;
+  if (has_weight) {
+    grads[1] = grad_weight;
+    if (has_bias) grads[2] = grad_bias;
+  }
+  return grads;
+}
+
+// The weight and bias gradients a backward kernel returns: empty where there is no weight.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_outputs(const at::Tensor& grad_input,
+                                                                       const at::Tensor& input,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       const at::Tensor& grad_weight,
+                                                                       const at::Tensor& grad_bias) {
+  if (!weight.has_value()) return {grad_input, input.new_empty({0}), input.new_empty({0})};
+  return {grad_input, grad_weight.to(weight->scalar_type()), grad_bias.to(weight->scalar_type())};
+}
+
+}  // namespace bnfx_cpu
