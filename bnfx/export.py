@@ -14,7 +14,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, Output
 from bnfx.passes import Report
 from bnfx.passes.subgraphs import graph_modules
 from bnfx.rewriting import rewrite_graph
-from bnfx.torch_internals import detect_fake_mode
+from bnfx.torch_internals import detect_fake_mode, exported_program
 
 
 def transform_exported(ep: ExportedProgram, options, rewrite=rewrite_graph) -> tuple[ExportedProgram, Report]:
@@ -36,7 +36,7 @@ def program_like(ep: ExportedProgram, gm: fx.GraphModule, signature: ExportGraph
                  state_dict: dict | None = None, constants: dict | None = None) -> ExportedProgram:
     """A new ExportedProgram: ``ep`` with the graph ``gm`` (whose outputs ``signature`` names)
     and, where given, other state."""
-    return ExportedProgram(
+    return exported_program(
         root=gm,
         graph=gm.graph,
         graph_signature=renamed_signature(signature, gm),

@@ -10,6 +10,7 @@ bnfx`` under another version warns once.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import warnings
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.export
 
 log = logging.getLogger("bnfx")
 
@@ -114,6 +116,13 @@ def group_timeout(group: dist.ProcessGroup):
     return None
 
 
+# -- C++: the CPU kernels (bnfx/ops/csrc) find a process group by name with
+# c10d::resolve_process_group (GroupRegistry.hpp, the registry the lookup above reads). They are
+# compiled against the installed torch: a torch without that header builds no C++ kernels, and a
+# build loaded under another torch fails to load; device_kernels.cpu_kernels says either (INFO
+# where none was built, WARNING where one fails to load), and the ops run their default bodies.
+
+
 # -- ops: the argument names of an op's schema (OpOverload has no public accessor)
 
 if not hasattr(torch.ops.aten.batch_norm.default, "_schema"):
@@ -155,6 +164,38 @@ def kernels_for_block(namespace: str, dispatch_key: str, kernels: dict):
         yield
     finally:
         library._destroy()
+
+
+# -- export: a program around a rewritten graph (ExportedProgram's constructor is not documented)
+
+_PROGRAM_FIELDS = ("root", "graph", "graph_signature", "state_dict", "range_constraints", "module_call_graph",
+                   "example_inputs", "constants", "verifiers")
+_program_parameters = inspect.signature(torch.export.ExportedProgram.__init__).parameters
+_program_constructible = all(field in _program_parameters for field in _PROGRAM_FIELDS)
+if not _program_constructible:
+    _missing(
+        f"torch.export.ExportedProgram({'=, '.join(_PROGRAM_FIELDS)}=)",
+        "bnfx.transform cannot rewrite a torch.export program; bnfx.convert(model, ...) before torch.export "
+        "exports the rewritten model",
+    )
+
+
+def exported_program(**fields) -> torch.export.ExportedProgram:
+    """An ExportedProgram of ``fields`` (each of ``_PROGRAM_FIELDS``)."""
+    if not _program_constructible:
+        raise RuntimeError(f"this torch ({torch.__version__}) builds no ExportedProgram the way bnfx does; "
+                           "bnfx.convert(model, ...) before torch.export exports the rewritten model")
+    return torch.export.ExportedProgram(**fields)
+
+
+# -- symbolic sizes: the value a size has in the call being compiled, for error messages
+
+def size_hint(size):
+    """``size`` as a number: under dynamic shapes, its value in the call being compiled (the
+    hint of its SymNode), else ``size`` as it is; only messages read it, so a torch without
+    hints shows the symbol instead."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return size if hint is None else hint
 
 
 # -- fake tensors and dispatch modes, for export's metadata and population statistics

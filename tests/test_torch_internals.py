@@ -55,8 +55,16 @@ def test_a_torch_outside_the_range_warns_once_at_import(version, warns):
          """, "has no fx.Graph._tracer_cls", "export it"),
         ("import torch.distributed.distributed_c10d as c10d; del c10d._resolve_process_group",
          "has no torch.distributed.distributed_c10d._resolve_process_group", "pass the ProcessGroup itself"),
+        ("""
+         import torch.export
+         def init(self, root, graph, graph_signature, state_dict, range_constraints, module_call_graph):
+             pass
+         torch.export.ExportedProgram.__init__ = init
+         """, "has no torch.export.ExportedProgram(root=, graph=", "bnfx.convert(model, ...) before torch.export"),
+        ("import torch.library; del torch.library.Library._destroy",
+         "has no torch.library.Library._destroy", "the ops themselves are unaffected"),
     ],
-    ids=["graph-task-id", "tracer-class", "resolve-process-group"],
+    ids=["graph-task-id", "tracer-class", "resolve-process-group", "exported-program", "library-destroy"],
 )
 def test_a_missing_internal_is_one_warning_with_the_door_that_works(setup, message, door):
     stderr = _import_bnfx_after(setup)

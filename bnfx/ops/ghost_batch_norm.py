@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
 
@@ -64,18 +65,12 @@ def _check_args(input: Tensor, ghost_batch_size: int, running_mean, running_var,
         last * math.prod(input.shape[2:]) != 1,
         lambda: (
             f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
-            f"ghost batch of 1 sample of shape {tuple(_concrete(n) for n in input.shape[1:])} "
-            f"(batch size {_concrete(batch)}, ghost_batch_size={ghost_batch_size}, split as "
+            f"ghost batch of 1 sample of shape {tuple(torch_internals.size_hint(n) for n in input.shape[1:])} "
+            f"(batch size {torch_internals.size_hint(batch)}, ghost_batch_size={ghost_batch_size}, split as "
             f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
             f"ghost_batch_size whose last ghost batch has 2 samples or more"
         ),
     )
-
-
-def _concrete(size) -> int:
-    """A size as a number: under dynamic shapes, the size of the call being compiled."""
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return size if hint is None else hint
 
 
 def _segments(t: Tensor, ghost_batch_size: int) -> list[Tensor]:
