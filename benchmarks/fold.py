@@ -16,6 +16,7 @@ import time
 
 import torch
 import torchvision
+from machine import describe
 from tabulate import tabulate
 
 import bnfx
@@ -56,6 +57,7 @@ def main() -> None:
     ]
     print(f"resnet18 eval, input {tuple(x.shape)}, {torch.get_num_threads()} threads, {args.reps} rounds; "
           f"{report.rewritten_count} of {report.found} batch-norm sites folded")
+    print(describe())
     print(tabulate(rows, headers=["variant", "median ms", "ratio to unfolded"], tablefmt="simple"))
 
 

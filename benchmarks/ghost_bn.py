@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 
@@ -114,6 +115,7 @@ def main() -> None:
         geo += ["", "", geomean(ratios["compiled bnfx/plain"])]
     rows.append(geo)
     print(f"fwd+bwd, training mode, medians of {args.reps} interleaved rounds, {torch.get_num_threads()} threads")
+    print(describe())
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
 
 

@@ -24,6 +24,7 @@ import statistics
 
 import torch
 import torchvision
+from machine import describe
 from tabulate import tabulate
 
 import bnfx
@@ -63,6 +64,7 @@ def roofline(shapes, dtypes, bandwidth_gbs: float) -> None:
         "plain and ghost (one launch for all chunks) move the same bytes"
     )
     headers = ["input", "layers", "dtype", "S (MB)"] + [f"{k} us" for k in KERNEL_PASSES] + ["fwd 3S us", "bwd 5S us"]
+    print(describe())
     print(tabulate(rows, headers=headers, floatfmt=".4g"))
 
 
@@ -119,6 +121,7 @@ def kernel_table(shapes, dtypes, layouts, bandwidth: float, reps: int) -> None:
         headers += [f"{name} GB/s", "of copy"]
     headers += ["fwd / goal", "bwd / goal"]
     print(f"Triton kernels, one chunk; copy bandwidth {bandwidth:.0f} GB/s; goal: fwd <= 3S/(0.85 B), bwd <= 5S/(0.85 B)")
+    print(describe())
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
 
 
@@ -157,6 +160,7 @@ def against_torch(shapes, dtypes, layouts, ghost: int, reps: int) -> None:
     headers = ["input", "dtype", "layout", "ghost", "torch us", "bnfx us", "bnfx/torch", "loop us", "ghost us",
                "ghost/loop", "ghost/plain"]
     print(f"fwd+bwd, training mode, medians of {reps} interleaved rounds")
+    print(describe())
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from machine import describe
 from tabulate import tabulate
 
 import bnfx
@@ -94,6 +95,7 @@ def main() -> None:
     ]
     print(f"forward+backward per call, input {shape}, {torch.get_num_threads()} threads, "
           f"median of {args.reps} interleaved rounds, C++ kernels: {bnfx.ops.device_kernels.cpu_kernels()}")
+    print(describe())
     print(tabulate(rows, headers=["op", "us", "/ torch.batch_norm", "/ floor"], tablefmt="simple"))
     dist.destroy_process_group()
 

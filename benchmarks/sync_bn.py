@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
+from machine import describe
 from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -42,7 +43,7 @@ def with_sync_points(model: torch.nn.Module, group) -> torch.nn.Module:
         return output
 
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             module.register_forward_hook(forward_hook)
     return model
 
@@ -135,6 +136,7 @@ def main() -> None:
         f"resnet18 train step (SGD), DDP over {args.nproc} gloo processes x 1 thread, "
         f"{args.batch}x3x{args.size}x{args.size} per process, median of {args.reps}"
     )
+    print(describe())
     print(tabulate(rows, headers=["variant", "step ms", "/ local (per round)", "gloo collectives"], tablefmt="simple"))
 
 

@@ -14,7 +14,6 @@
 #include "batch_norm_cpu.h"
 #include "op_support_cpu.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -94,24 +93,15 @@ GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& 
                                     r[1].sum(0));
 }
 
-const c10::OperatorHandle& ghost_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::ghost_batch_norm", "");
-  return op;
-}
-
-const c10::OperatorHandle& ghost_backward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::ghost_batch_norm_backward", "");
-  return op;
-}
-
 class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
                                const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
                                c10::SymInt ghost_batch_size, std::optional<double> momentum, double eps) {
+    static const auto op = bnfx_cpu::typed_op<GhostSignature>("bnfx::ghost_batch_norm");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, new_mean, new_var, new_tracked, save_mean, save_invstd] = ghost_op().typed<GhostSignature>().call(
+    auto [out, new_mean, new_var, new_tracked, save_mean, save_invstd] = op.call(
         input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps);
     variable_list outputs{out, new_mean, new_var, new_tracked, save_mean, save_invstd};
     bnfx_cpu::keep_for_backward(ctx, outputs, input, weight, bias, eps);  // saves mean, invstd
@@ -120,19 +110,12 @@ class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);  // only the state outputs were used
-    const auto saved = ctx->get_saved_variables();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const OptionalTensor weight = has_weight ? OptionalTensor(saved[1]) : std::nullopt;
-    // below autograd unless a graph of the backward is asked for (create_graph): then the
-    // backward op's own autograd says it has none
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    auto [grad_input, grad_weight, grad_bias] = ghost_backward_op().typed<GhostBackwardSignature>().call(
-        grads[0], saved[0], weight, saved[2], saved[3], ctx->saved_data["ghost_batch_size"].toSymInt(),
-        ctx->saved_data["eps"].toDouble());
-    return bnfx_cpu::input_gradients(grad_input, grad_weight, grad_bias, has_weight,
-                                     ctx->saved_data["has_bias"].toBool());
+    static const auto op = bnfx_cpu::typed_op<GhostBackwardSignature>("bnfx::ghost_batch_norm_backward");
+    auto call = [&](const auto& grad_out, const auto& input, const auto& weight, const auto& saved) {
+      return op.call(grad_out, input, weight, saved[0], saved[1], ctx->saved_data["ghost_batch_size"].toSymInt(),
+                     ctx->saved_data["eps"].toDouble());
+    };
+    return bnfx_cpu::backward_through(ctx, grads, call);
   }
 };
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 
@@ -73,16 +74,35 @@ inline void keep_for_backward(torch::autograd::AutogradContext* ctx, const std::
   ctx->saved_data["has_bias"] = bias.has_value();
 }
 
-// A backward's gradients for the op's 9 inputs: input, then weight and bias where given.
-inline std::vector<at::Tensor> input_gradients(const at::Tensor& grad_input, const at::Tensor& grad_weight,
-                                               const at::Tensor& grad_bias, bool has_weight, bool has_bias) {
-  std::vector<at::Tensor> grads(9);
-  grads[0] = grad_input;
+// bnfx::<name> (``name`` qualified), for the autograd kernels to call through the dispatcher.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// An autograd kernel's backward: ``call_backward_op(grad_out, input, weight, saved outputs)``
+// calls the op's backward op, below autograd unless a graph of the backward is asked for
+// (create_graph: then the backward op's own autograd says it has none). Returns the gradients
+// of the op's 9 inputs: input, then weight and bias where given.
+template <typename CallBackwardOp>
+torch::autograd::variable_list backward_through(torch::autograd::AutogradContext* ctx,
+                                                const torch::autograd::variable_list& grads,
+                                                CallBackwardOp&& call_backward_op) {
+  torch::autograd::variable_list input_grads(9);
+  if (!grads[0].defined()) return input_grads;  // only the state outputs were used
+  const auto saved = ctx->get_saved_variables();
+  const bool has_weight = ctx->saved_data["has_weight"].toBool();
+  const std::optional<at::Tensor> weight = has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!at::GradMode::is_enabled()) below_autograd.emplace();
+  auto [grad_input, grad_weight, grad_bias] =
+      call_backward_op(grads[0], saved[0], weight, std::vector<at::Tensor>(saved.begin() + 2, saved.end()));
+  input_grads[0] = grad_input;
   if (has_weight) {
-    grads[1] = grad_weight;
-    if (has_bias) grads[2] = grad_bias;
+    input_grads[1] = grad_weight;
+    if (ctx->saved_data["has_bias"].toBool()) input_grads[2] = grad_bias;
   }
-  return grads;
+  return input_grads;
 }
 
 // The weight and bias gradients a backward kernel returns: empty where there is no weight.

@@ -13,7 +13,6 @@
 #include "batch_norm_cpu.h"
 #include "op_support_cpu.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -143,24 +142,15 @@ GradOutputs sync_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& i
   return bnfx_cpu::backward_outputs(bnfx_cpu::like_input(grad_input, input), input, weight, grad_weight, grad_bias);
 }
 
-const c10::OperatorHandle& sync_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::sync_batch_norm", "");
-  return op;
-}
-
-const c10::OperatorHandle& sync_backward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfx::sync_batch_norm_backward", "");
-  return op;
-}
-
 class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
                                const OptionalTensor& bias, const OptionalTensor& running_mean,
                                const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
                                std::optional<double> momentum, double eps, const std::string& group_name) {
+    static const auto op = bnfx_cpu::typed_op<SyncSignature>("bnfx::sync_batch_norm");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = sync_op().typed<SyncSignature>().call(
+    auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = op.call(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name);
     variable_list outputs{out, new_mean, new_var, new_tracked, save_mean, save_var, count};
     bnfx_cpu::keep_for_backward(ctx, outputs, input, weight, bias, eps);  // saves mean, var, count
@@ -169,18 +159,12 @@ class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);  // only the state outputs were used
-    const auto saved = ctx->get_saved_variables();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const OptionalTensor weight = has_weight ? OptionalTensor(saved[1]) : std::nullopt;
-    // below autograd unless a graph of the backward is asked for (as the ghost op's backward)
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    auto [grad_input, grad_weight, grad_bias] = sync_backward_op().typed<SyncBackwardSignature>().call(
-        grads[0], saved[0], weight, saved[2], saved[3], saved[4], ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["group_name"].toStringRef());
-    return bnfx_cpu::input_gradients(grad_input, grad_weight, grad_bias, has_weight,
-                                     ctx->saved_data["has_bias"].toBool());
+    static const auto op = bnfx_cpu::typed_op<SyncBackwardSignature>("bnfx::sync_batch_norm_backward");
+    auto call = [&](const auto& grad_out, const auto& input, const auto& weight, const auto& saved) {
+      return op.call(grad_out, input, weight, saved[0], saved[1], saved[2], ctx->saved_data["eps"].toDouble(),
+                     ctx->saved_data["group_name"].toStringRef());
+    };
+    return bnfx_cpu::backward_through(ctx, grads, call);
   }
 };
 
