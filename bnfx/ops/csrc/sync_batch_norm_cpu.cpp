@@ -18,6 +18,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -47,62 +49,92 @@ void all_reduce(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Tenso
   group->allreduce(tensors)->wait();
 }
 
-// The op's forward on CPU, as its default body (sync_batch_norm.py) computes it: the statistics over the group
-// from one all-reduce of [n, n (m - K), M2 + n (m - K)^2] shifted by K = running mean.
+// A [C] tensor's values as double (a copy where it is of another type), or nullptr for none.
+struct Doubles {
+  Tensor tensor;
+  const double* data = nullptr;
+  explicit Doubles(const OptionalTensor& t) {
+    if (!t.has_value()) return;
+    tensor = t->detach().to(at::kDouble).contiguous();
+    data = tensor.const_data_ptr<double>();
+  }
+};
+
+// torch.lerp's formula (ATen/native/Lerp.h), so the running statistics move as torch moves them.
+double lerp(double self, double end, double weight) {
+  return std::abs(weight) < 0.5 ? self + weight * (end - self) : end - (end - self) * (1 - weight);
+}
+
+// The op's forward on CPU, as its default body (sync_batch_norm.py) computes it: the statistics
+// over the group from one all-reduce of [n, n (m - K), M2 + n (m - K)^2] shifted by K = running
+// mean. The per-channel arithmetic around the all-reduce is one loop each side, not a dozen
+// small tensor ops: on small layers those cost more than the collective.
 SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Tensor& input,
-                             const OptionalTensor& weight, const OptionalTensor& bias,
-                             const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                             const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
+                           const OptionalTensor& weight, const OptionalTensor& bias,
+                           const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                           const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
   const int64_t channels = input.size(1), count = channels == 0 ? 0 : input.numel() / channels;
   const auto f64 = input.options().dtype(at::kDouble);
-  const Tensor shift = running_mean.has_value() ? running_mean->detach().to(at::kDouble) : at::zeros({channels}, f64);
   auto moments = bnfx_cpu::moments(input);  // mean, M2 [C] in double; zeros for an empty batch
-  const Tensor offset = moments[0] - shift;
-  const Tensor sums =
-      at::cat({at::full({1}, count, offset.options()), offset * count, moments[1] + offset * offset * count});
+  const double *m = moments[0].const_data_ptr<double>(), *m2 = moments[1].const_data_ptr<double>();
+  const Doubles shift(running_mean), old_var(running_var), w(weight), b(bias);
+  const Tensor sums = at::empty({1 + 2 * channels}, f64);
+  double* s = sums.mutable_data_ptr<double>();
+  s[0] = double(count);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double offset = m[c] - (shift.data ? shift.data[c] : 0.0);
+    s[1 + c] = offset * count;
+    s[1 + channels + c] = m2[c] + offset * offset * count;
+  }
   all_reduce(group, sums);
-  const Tensor total = sums.slice(0, 0, 1);
-  const Tensor shifted_mean = sums.slice(0, 1, 1 + channels) / total;
-  const Tensor var = (sums.slice(0, 1 + channels) / total - shifted_mean * shifted_mean).clamp_(0);
-  const Tensor mean = shift + shifted_mean;
+
+  const double total = s[0];
+  const Tensor mean = at::empty({channels}, f64), var = at::empty_like(mean), scale = at::empty_like(mean),
+               affine_shift = at::empty_like(mean);
+  double *mean_c = mean.mutable_data_ptr<double>(), *var_c = var.mutable_data_ptr<double>();
+  double *scale_c = scale.mutable_data_ptr<double>(), *shift_c = affine_shift.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const double shifted_mean = s[1 + c] / total;
+    // std::max keeps a nan (an empty group batch), as torch's clamp does
+    var_c[c] = std::max(s[1 + channels + c] / total - shifted_mean * shifted_mean, 0.0);
+    mean_c[c] = (shift.data ? shift.data[c] : 0.0) + shifted_mean;
+    scale_c[c] = 1.0 / std::sqrt(var_c[c] + eps) * (w.data ? w.data[c] : 1.0);
+    shift_c[c] = b.data ? b.data[c] : 0.0;
+  }
 
   Tensor new_tracked = num_batches_tracked.has_value() ? *num_batches_tracked + 1 : mean.new_empty({0});
   Tensor new_mean = mean.new_empty({0}), new_var = mean.new_empty({0});
   if (running_mean.has_value()) {
-    const Tensor unbiased = var * total / (total - 1);
-    Tensor old_mean = running_mean->to(at::kDouble), old_var = running_var->to(at::kDouble);
-    if (momentum.has_value()) {
-      new_mean = at::lerp(old_mean, mean, *momentum);
-      new_var = at::lerp(old_var, unbiased, *momentum);
-    } else {  // cumulative average: this batch is number num_batches_tracked + 1
-      const Tensor factor = 1.0 / (num_batches_tracked->to(at::kDouble) + 1);
-      new_mean = at::lerp(old_mean, mean, factor);
-      new_var = at::lerp(old_var, unbiased, factor);
+    // cumulative average (momentum=None): this batch is number num_batches_tracked + 1
+    const double factor = momentum.has_value() ? *momentum : 1.0 / (num_batches_tracked->item<double>() + 1);
+    new_mean = at::empty_like(mean);
+    new_var = at::empty_like(mean);
+    double *new_mean_c = new_mean.mutable_data_ptr<double>(), *new_var_c = new_var.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < channels; ++c) {
+      // a group batch of 0 or 1 value per channel keeps the statistics (no variance estimate)
+      new_mean_c[c] = total > 1 ? lerp(shift.data[c], mean_c[c], factor) : shift.data[c];
+      new_var_c[c] = total > 1 ? lerp(old_var.data[c], var_c[c] * total / (total - 1), factor) : old_var.data[c];
     }
-    const Tensor estimable = total > 1;  // a group batch of 0 or 1 value per channel keeps the statistics
-    new_mean = at::where(estimable, new_mean, *running_mean).to(running_mean->scalar_type());
-    new_var = at::where(estimable, new_var, *running_var).to(running_var->scalar_type());
+    new_mean = new_mean.to(running_mean->scalar_type());
+    new_var = new_var.to(running_var->scalar_type());
   }
 
-  Tensor scale = at::rsqrt(var + eps);
-  if (weight.has_value()) scale = scale * weight->to(at::kDouble);
-  const Tensor affine_shift = bias.has_value() ? bias->to(at::kDouble) : at::zeros_like(scale);
   const Tensor out = bnfx_cpu::normalize(input, mean, scale, affine_shift);
   const auto stat_type = input.scalar_type();  // float32 or float64: the statistics dtype
-  return {out, new_mean, new_var, new_tracked, mean.to(stat_type), var.to(stat_type), total};
+  return {out, new_mean, new_var, new_tracked, mean.to(stat_type), var.to(stat_type), sums.slice(0, 0, 1)};
 }
 
 // The op's backward on CPU, as its default body computes it: one all-reduce of
-// [sum(dy), sum(dy x_hat)], then dx = a dy - k (x - mean) + c; returns (grad_input,
-// sum(dy x_hat), sum(dy)).
-GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                                   const Tensor& grad_out, const Tensor& input,
-                                                   const OptionalTensor& weight, const Tensor& save_mean,
-                                                   const Tensor& save_var, const Tensor& count, double eps) {
+// [sum(dy), sum(dy x_hat)], then dx = a dy - k (x - mean) + c (per-channel coefficients from
+// one loop); returns (grad_input, sum(dy x_hat), sum(dy)).
+GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Tensor& grad_out,
+                            const Tensor& input, const OptionalTensor& weight, const Tensor& save_mean,
+                            const Tensor& save_var, const Tensor& count, double eps) {
+  const int64_t channels = input.size(1);
   Tensor sum_dy, sum_dy_xhat;
   if (input.numel() == 0) {
-    sum_dy = save_mean.new_zeros({input.size(1)});
-    sum_dy_xhat = save_mean.new_zeros({input.size(1)});
+    sum_dy = save_mean.new_zeros({channels});
+    sum_dy_xhat = save_mean.new_zeros({channels});
   } else {
     auto local = at::native_batch_norm_backward(grad_out, input, {}, save_mean, save_var, {}, {}, false, eps,
                                                 {false, true, true});
@@ -111,13 +143,19 @@ GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
   }
   const Tensor sums = at::stack({sum_dy, sum_dy_xhat}).to(save_mean.scalar_type());
   all_reduce(group, sums);
-  const Tensor invstd = at::rsqrt(save_var + eps);
-  const Tensor a = weight.has_value() ? invstd * weight->to(invstd.scalar_type()) : invstd;
-  const Tensor means = sums / count.to(sums.scalar_type());
-  const Tensor mean_dy = means[0], mean_dy_xhat = means[1];
-  const Tensor grad_input =
-      bnfx_cpu::affine_grad(grad_out, input, a, a * invstd * mean_dy_xhat, -a * mean_dy, save_mean);
-  return {grad_input, sum_dy_xhat, sum_dy};
+  const auto f64 = input.options().dtype(at::kDouble);
+  const Doubles reduced(sums), saved_var(save_var), w(weight);
+  const double n = count.item<double>();
+  const Tensor a = at::empty({channels}, f64), k = at::empty_like(a), c0 = at::empty_like(a);
+  double *a_c = a.mutable_data_ptr<double>(), *k_c = k.mutable_data_ptr<double>();
+  double* c0_c = c0.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const double invstd = 1.0 / std::sqrt(saved_var.data[c] + eps);
+    a_c[c] = invstd * (w.data ? w.data[c] : 1.0);
+    k_c[c] = a_c[c] * invstd * (reduced.data[channels + c] / n);  // a invstd mean(dy x_hat)
+    c0_c[c] = -a_c[c] * (reduced.data[c] / n);                     // -a mean(dy)
+  }
+  return {bnfx_cpu::affine_grad(grad_out, input, a, k, c0, save_mean), sum_dy_xhat, sum_dy};
 }
 
 SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
