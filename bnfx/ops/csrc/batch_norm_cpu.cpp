@@ -497,8 +497,8 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const c10::optional<at:
     mean = at::empty({l.nchunks, l.channels}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     invstd = at::empty_like(mean);
     var = at::empty_like(mean);
-    at::Tensor w = weight.has_value() ? weight->contiguous().to(input.scalar_type()) : at::Tensor();
-    at::Tensor b = bias.has_value() ? bias->contiguous().to(input.scalar_type()) : at::Tensor();
+    at::Tensor w = weight.has_value() ? as_type(*weight, input.scalar_type()).contiguous() : at::Tensor();
+    at::Tensor b = bias.has_value() ? as_type(*bias, input.scalar_type()).contiguous() : at::Tensor();
     auto run = l.spatial == 1 ? forward_rows<scalar_t> : forward_impl<scalar_t>;
     run(l, input.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
         b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, eps, out.mutable_data_ptr<scalar_t>(),
@@ -519,16 +519,53 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& i
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_ghost_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    auto m = mean.to(acc_type).contiguous(), is = invstd.to(acc_type).contiguous();
+    auto m = as_type(mean, acc_type).contiguous(), is = as_type(invstd, acc_type).contiguous();
     sum_dy = at::empty({l.nchunks, l.channels}, input.options().dtype(acc_type));
     sum_dy_xmu = at::empty_like(sum_dy);
-    at::Tensor w = weight.has_value() ? weight->contiguous().to(input.scalar_type()) : at::Tensor();
+    at::Tensor w = weight.has_value() ? as_type(*weight, input.scalar_type()).contiguous() : at::Tensor();
     auto run = l.spatial == 1 ? backward_rows<scalar_t> : backward_impl<scalar_t>;
     run(l, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
         w.defined() ? w.const_data_ptr<scalar_t>() : nullptr, m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(),
         dx.mutable_data_ptr<scalar_t>(), sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
   });
   return {dx, sum_dy, sum_dy_xmu};
+}
+
+// ``scale`` times the values of a tensor of any floating type, as double: small per-channel
+// arithmetic in plain loops, not in tensor ops, which cost more than it does.
+std::vector<double> scaled_values(const at::Tensor& t, double scale) {
+  const auto values = t.contiguous();
+  std::vector<double> out(values.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "bnfx_scaled_values", [&] {
+    const scalar_t* p = values.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = scale * double(p[i]);
+  });
+  return out;
+}
+
+// A new tensor of ``like``'s shape, dtype and device holding ``values``.
+at::Tensor tensor_like(const at::Tensor& like, const std::vector<double>& values) {
+  auto t = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bnfx_tensor_like", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = scalar_t(values[i]);
+  });
+  return t;
+}
+
+// grad_weight += sum_dy_xmu_j invstd_j and grad_bias += sum_dy_j over the rows j of [n, C]
+// sums, through restrict pointers (as add_weighted_rows).
+template <typename T>
+void add_affine_rows(double* __restrict grad_weight, double* __restrict grad_bias, const T* __restrict sum_dy,
+                     const T* __restrict sum_dy_xmu, const T* __restrict invstd, int64_t n, int64_t channels) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T *__restrict dy = sum_dy + j * channels, *__restrict dyx = sum_dy_xmu + j * channels;
+    const T* __restrict is = invstd + j * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_weight[c] += double(dyx[c]) * double(is[c]);
+      grad_bias[c] += double(dy[c]);
+    }
+  }
 }
 
 // mean += w_j means_j and var += w_j vars_j over the rows j of [n, C] statistics, row by row
@@ -558,8 +595,6 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
                                       c10::optional<double> momentum,
                                       const c10::optional<at::Tensor>& num_batches_tracked) {
   const int64_t n = means.size(0), channels = means.size(1);
-  auto new_mean = running_mean.to(at::kDouble, false, /*copy=*/true).contiguous();
-  auto new_var = running_var.to(at::kDouble, false, /*copy=*/true).contiguous();
   std::vector<double> chunk_weight(n);
   double keep;
   if (momentum.has_value()) {
@@ -572,18 +607,31 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
     keep = seen / total;
     std::fill(chunk_weight.begin(), chunk_weight.end(), 1.0 / total);
   }
-  double* __restrict rm = new_mean.mutable_data_ptr<double>();
-  double* __restrict rv = new_var.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < channels; ++c) {
-    rm[c] *= keep;
-    rv[c] *= keep;
-  }
+  std::vector<double> new_mean = scaled_values(running_mean, keep), new_var = scaled_values(running_var, keep);
+  TORCH_CHECK(int64_t(new_mean.size()) == channels && int64_t(new_var.size()) == channels,
+              "running statistics must have one value per channel (", channels, ")");
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "bnfx_running_stats", [&] {
-    auto m = means.contiguous(), v = unbiased_vars.to(means.scalar_type()).contiguous();
-    add_weighted_rows(rm, rv, m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), chunk_weight.data(), n,
-                      channels);
+    auto m = means.contiguous(), v = as_type(unbiased_vars, means.scalar_type()).contiguous();
+    add_weighted_rows(new_mean.data(), new_var.data(), m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                      chunk_weight.data(), n, channels);
   });
-  return {new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
+  return {tensor_like(running_mean, new_mean), tensor_like(running_var, new_var)};
+}
+
+// grad_weight = sum_j sum_dy_xmu_j invstd_j and grad_bias = sum_j sum_dy_j over the chunks' [n, C]
+// sums, accumulated in double, in ``weight``'s dtype.
+std::vector<at::Tensor> affine_grads(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                     const at::Tensor& weight) {
+  const int64_t n = sum_dy.size(0), channels = sum_dy.size(1);
+  std::vector<double> grad_weight(channels, 0.0), grad_bias(channels, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(sum_dy.scalar_type(), "bnfx_affine_grads", [&] {
+    const auto type = sum_dy.scalar_type();
+    auto dy = sum_dy.contiguous(), dyx = as_type(sum_dy_xmu, type).contiguous();
+    auto is = as_type(invstd, type).contiguous();
+    add_affine_rows(grad_weight.data(), grad_bias.data(), dy.const_data_ptr<scalar_t>(),
+                    dyx.const_data_ptr<scalar_t>(), is.const_data_ptr<scalar_t>(), n, channels);
+  });
+  return {tensor_like(weight, grad_weight), tensor_like(weight, grad_bias)};
 }
 
 }  // namespace bnfx_cpu

@@ -9,6 +9,11 @@
 
 namespace bnfx_cpu {
 
+// ``t`` as ``type``: ``t`` itself, with no dispatch, where it already is.
+inline at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t : t.to(type);
+}
+
 // Ghost batch norm on contiguous float/double input [B, C, ...], chunks of chunk_size samples.
 // Returns (out, mean, invstd, unbiased_var), statistics [nchunks, C] in the math type.
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -22,6 +27,13 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
                                       const at::Tensor& means, const at::Tensor& unbiased_vars,
                                       std::optional<double> momentum,
                                       const std::optional<at::Tensor>& num_batches_tracked);
+
+// ``scale`` times the values of a tensor of any floating type, as double.
+std::vector<double> scaled_values(const at::Tensor& t, double scale);
+
+// The weight and bias gradients from the chunks' sums: (grad_weight, grad_bias) in weight's dtype.
+std::vector<at::Tensor> affine_grads(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                     const at::Tensor& weight);
 
 // bnfx::sync_batch_norm's local work.
 std::vector<at::Tensor> moments(const at::Tensor& input);

@@ -77,7 +77,8 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
     new_var = state[1];
   }
   const int64_t nchunks = r[1].size(0);
-  Tensor new_tracked = num_batches_tracked.has_value() ? *num_batches_tracked + nchunks : input.new_empty({0});
+  Tensor new_tracked =
+      num_batches_tracked.has_value() ? bnfx_cpu::counter_plus(*num_batches_tracked, nchunks) : input.new_empty({0});
   return {bnfx_cpu::like_input(r[0], input), new_mean, new_var, new_tracked, r[1], r[2]};
 }
 
@@ -89,8 +90,10 @@ GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& 
   // grad_input, then per-chunk sum(dy) and sum(dy (x - mean)) [nchunks, C]
   auto r = bnfx_cpu::backward(bnfx_cpu::kernel_input(grad_out, type), bnfx_cpu::kernel_input(input, type), weight,
                               save_mean, save_invstd, chunk_size);
-  return bnfx_cpu::backward_outputs(bnfx_cpu::like_input(r[0], input), input, weight, (r[2] * save_invstd).sum(0),
-                                    r[1].sum(0));
+  const Tensor grad_input = bnfx_cpu::like_input(r[0], input);
+  if (!weight.has_value()) return {grad_input, input.new_empty({0}), input.new_empty({0})};
+  auto affine = bnfx_cpu::affine_grads(r[1], r[2], save_invstd, *weight);
+  return {grad_input, affine[0], affine[1]};
 }
 
 class GhostBatchNorm : public torch::autograd::Function<GhostBatchNorm> {

@@ -4,6 +4,8 @@
 // set-up.
 #pragma once
 
+#include "batch_norm_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -49,7 +51,15 @@ inline at::ScalarType math_type(const at::Tensor& input) {
 }
 
 // ``t`` as the C++ math reads it: contiguous, of ``type`` (``t`` itself where it already is).
-inline at::Tensor kernel_input(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
+inline at::Tensor kernel_input(const at::Tensor& t, at::ScalarType type) { return as_type(t, type).contiguous(); }
+
+// ``counter + n`` for a batch counter (num_batches_tracked): an int64 scalar written directly.
+inline at::Tensor counter_plus(const at::Tensor& counter, int64_t n) {
+  if (counter.scalar_type() != at::kLong || counter.numel() != 1 || !counter.is_contiguous()) return counter + n;
+  auto next = at::empty_like(counter);
+  next.mutable_data_ptr<int64_t>()[0] = counter.const_data_ptr<int64_t>()[0] + n;
+  return next;
+}
 
 // A result of the C++ math as the default bodies return it: the input's dtype and layout
 // (``torch.empty_like(input)``).

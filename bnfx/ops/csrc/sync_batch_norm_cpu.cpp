@@ -49,16 +49,10 @@ void all_reduce(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Tenso
   group->allreduce(tensors)->wait();
 }
 
-// A [C] tensor's values as double (a copy where it is of another type), or nullptr for none.
-struct Doubles {
-  Tensor tensor;
-  const double* data = nullptr;
-  explicit Doubles(const OptionalTensor& t) {
-    if (!t.has_value()) return;
-    tensor = t->detach().to(at::kDouble).contiguous();
-    data = tensor.const_data_ptr<double>();
-  }
-};
+// An optional [C] tensor's values as double; none for None.
+std::vector<double> doubles(const OptionalTensor& t) {
+  return t.has_value() ? bnfx_cpu::scaled_values(*t, 1.0) : std::vector<double>();
+}
 
 // torch.lerp's formula (ATen/native/Lerp.h), so the running statistics move as torch moves them.
 double lerp(double self, double end, double weight) {
@@ -77,12 +71,12 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
   const auto f64 = input.options().dtype(at::kDouble);
   auto moments = bnfx_cpu::moments(input);  // mean, M2 [C] in double; zeros for an empty batch
   const double *m = moments[0].const_data_ptr<double>(), *m2 = moments[1].const_data_ptr<double>();
-  const Doubles shift(running_mean), old_var(running_var), w(weight), b(bias);
+  const auto shift = doubles(running_mean), old_var = doubles(running_var), w = doubles(weight), b = doubles(bias);
   const Tensor sums = at::empty({1 + 2 * channels}, f64);
   double* s = sums.mutable_data_ptr<double>();
   s[0] = double(count);
   for (int64_t c = 0; c < channels; ++c) {
-    const double offset = m[c] - (shift.data ? shift.data[c] : 0.0);
+    const double offset = m[c] - (shift.empty() ? 0.0 : shift[c]);
     s[1 + c] = offset * count;
     s[1 + channels + c] = m2[c] + offset * offset * count;
   }
@@ -97,12 +91,13 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
     const double shifted_mean = s[1 + c] / total;
     // std::max keeps a nan (an empty group batch), as torch's clamp does
     var_c[c] = std::max(s[1 + channels + c] / total - shifted_mean * shifted_mean, 0.0);
-    mean_c[c] = (shift.data ? shift.data[c] : 0.0) + shifted_mean;
-    scale_c[c] = 1.0 / std::sqrt(var_c[c] + eps) * (w.data ? w.data[c] : 1.0);
-    shift_c[c] = b.data ? b.data[c] : 0.0;
+    mean_c[c] = (shift.empty() ? 0.0 : shift[c]) + shifted_mean;
+    scale_c[c] = 1.0 / std::sqrt(var_c[c] + eps) * (w.empty() ? 1.0 : w[c]);
+    shift_c[c] = b.empty() ? 0.0 : b[c];
   }
 
-  Tensor new_tracked = num_batches_tracked.has_value() ? *num_batches_tracked + 1 : mean.new_empty({0});
+  Tensor new_tracked =
+      num_batches_tracked.has_value() ? bnfx_cpu::counter_plus(*num_batches_tracked, 1) : mean.new_empty({0});
   Tensor new_mean = mean.new_empty({0}), new_var = mean.new_empty({0});
   if (running_mean.has_value()) {
     // cumulative average (momentum=None): this batch is number num_batches_tracked + 1
@@ -112,8 +107,8 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
     double *new_mean_c = new_mean.mutable_data_ptr<double>(), *new_var_c = new_var.mutable_data_ptr<double>();
     for (int64_t c = 0; c < channels; ++c) {
       // a group batch of 0 or 1 value per channel keeps the statistics (no variance estimate)
-      new_mean_c[c] = total > 1 ? lerp(shift.data[c], mean_c[c], factor) : shift.data[c];
-      new_var_c[c] = total > 1 ? lerp(old_var.data[c], var_c[c] * total / (total - 1), factor) : old_var.data[c];
+      new_mean_c[c] = total > 1 ? lerp(shift[c], mean_c[c], factor) : shift[c];
+      new_var_c[c] = total > 1 ? lerp(old_var[c], var_c[c] * total / (total - 1), factor) : old_var[c];
     }
     new_mean = new_mean.to(running_mean->scalar_type());
     new_var = new_var.to(running_var->scalar_type());
@@ -144,16 +139,16 @@ GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
   const Tensor sums = at::stack({sum_dy, sum_dy_xhat}).to(save_mean.scalar_type());
   all_reduce(group, sums);
   const auto f64 = input.options().dtype(at::kDouble);
-  const Doubles reduced(sums), saved_var(save_var), w(weight);
+  const auto reduced = doubles(sums), saved_var = doubles(save_var), w = doubles(weight);
   const double n = count.item<double>();
   const Tensor a = at::empty({channels}, f64), k = at::empty_like(a), c0 = at::empty_like(a);
   double *a_c = a.mutable_data_ptr<double>(), *k_c = k.mutable_data_ptr<double>();
   double* c0_c = c0.mutable_data_ptr<double>();
   for (int64_t c = 0; c < channels; ++c) {
-    const double invstd = 1.0 / std::sqrt(saved_var.data[c] + eps);
-    a_c[c] = invstd * (w.data ? w.data[c] : 1.0);
-    k_c[c] = a_c[c] * invstd * (reduced.data[channels + c] / n);  // a invstd mean(dy x_hat)
-    c0_c[c] = -a_c[c] * (reduced.data[c] / n);                     // -a mean(dy)
+    const double invstd = 1.0 / std::sqrt(saved_var[c] + eps);
+    a_c[c] = invstd * (w.empty() ? 1.0 : w[c]);
+    k_c[c] = a_c[c] * invstd * (reduced[channels + c] / n);  // a invstd mean(dy x_hat)
+    c0_c[c] = -a_c[c] * (reduced[c] / n);                     // -a mean(dy)
   }
   return {bnfx_cpu::affine_grad(grad_out, input, a, k, c0, save_mean), sum_dy_xhat, sum_dy};
 }
