@@ -127,7 +127,10 @@ void block_coefficients(int64_t nc, double inv_n, double unbiased, double eps, c
     const double offset = s1[c] * inv_n, m = double(p[c]) + offset;
     const double v = std::max(s2[c] * inv_n - offset * offset, 0.0);
     const T h = T(m);
-    const double is = 1.0 / std::sqrt(v + eps), ws = w ? is * double(w[c]) : is;
+    // invstd in the math type: float input takes a float square root and division (twice
+    // double's lanes; the invstd returned is float either way, and torch's is computed so)
+    const A is = A(1) / std::sqrt(A(v) + A(eps));
+    const double ws = w ? double(is) * double(w[c]) : double(is);
     mean[c] = m;
     invstd[c] = is;
     var[c] = v * unbiased;
@@ -194,6 +197,28 @@ Coefficients grad_coefficients(double inv_n, T m, double sum_xmu, double sum_dy,
   return {a, k, k * residual - a * sum_dy * inv_n};
 }
 
+// A (chunk, channel block)'s grad_coefficients from its sums, over restrict arrays (as
+// block_coefficients in the forward): [B, C] input with small chunks has as many coefficients
+// as values, and only this form vectorizes. Also stores the sums the op returns.
+template <typename T, typename A>
+void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, const A* __restrict s_x,
+                             const A* __restrict s_dy, const A* __restrict s_dyx, const A* __restrict invstd,
+                             const T* __restrict w, A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict fa,
+                             A* __restrict fk, A* __restrict fc) {
+  const double ulp = std::numeric_limits<T>::epsilon();
+  for (int64_t c = 0; c < nc; ++c) {
+    const double lo = s_x[c] * inv_n, is = invstd[c], dy = s_dy[c];
+    const double residual = std::abs(lo) <= std::abs(double(m[c])) * ulp ? lo : 0.0;
+    const double a = w ? is * double(w[c]) : is;
+    const double k = a * is * is * (s_dyx[c] - residual * dy) * inv_n;
+    sum_dy[c] = s_dy[c];
+    sum_dy_xmu[c] = s_dyx[c];
+    fa[c] = a;
+    fk[c] = k;
+    fc[c] = k * residual - a * dy * inv_n;
+  }
+}
+
 // dx = a dy - k (x - center) + c0, per-channel coefficients; center 0 unless kCentered.
 template <bool kCentered = true, typename T, typename A>
 void grad_row(T* __restrict dx, const T* __restrict dy, const T* __restrict x, const T* __restrict center,
@@ -250,15 +275,8 @@ void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const a
       }
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
         add_grad_sums(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, m, nc);
-      for (int64_t c = 0; c < nc; ++c) {
-        const Coefficients k = grad_coefficients<T>(inv_n, m[c], s_x[c], s_dy[c], s_dyx[c], invstd[j * C + c0 + c],
-                                                    w ? double(w[c0 + c]) : 1.0);
-        sum_dy[j * C + c0 + c] = s_dy[c];
-        sum_dy_xmu[j * C + c0 + c] = s_dyx[c];
-        fa[c] = k.a;
-        fk[c] = k.k;
-        fc[c] = k.c;
-      }
+      block_grad_coefficients(nc, inv_n, m, s_x, s_dy, s_dyx, invstd + j * C + c0, w ? w + c0 : nullptr,
+                              sum_dy + j * C + c0, sum_dy_xmu + j * C + c0, fa, fk, fc);
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
         grad_row(dx + c0 + r * C, dy + c0 + r * C, x + c0 + r * C, m, fa, fk, fc, nc);
     }
