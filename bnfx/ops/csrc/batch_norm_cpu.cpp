@@ -147,16 +147,23 @@ void normalize_row(T* __restrict out, const T* __restrict x, const T* __restrict
 }
 
 // The backward's sums, of terms without a common offset (x - mean is exact in T near the
-// mean), accumulate in the math type: over a chunk's rows of [B, C] input, and over a
-// group of spatial rows, added up in double.
-template <typename T, typename A>
-void add_grad_sums(A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict sum_xmu, const T* __restrict dy,
-                   const T* __restrict x, const T* __restrict mean, int64_t n) {
+// mean), accumulate in the math type: over a chunk's rows of [B, C] input, K rows `stride`
+// apart at a time (the accumulators stay in registers across them, as add_shifted_columns's
+// do), and over a group of spatial rows, added up in double.
+template <int K, typename T, typename A>
+void add_grad_columns(A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict sum_xmu, const T* __restrict dy,
+                      const T* __restrict x, int64_t stride, const T* __restrict mean, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
-    const A d = x[c] - mean[c];
-    sum_dy[c] += dy[c];
-    sum_dy_xmu[c] += dy[c] * d;
-    sum_xmu[c] += d;
+    A a0 = 0, a1 = 0, a2 = 0;
+    for (int k = 0; k < K; ++k) {
+      const A d = x[k * stride + c] - mean[c];
+      a0 += dy[k * stride + c];
+      a1 += dy[k * stride + c] * d;
+      a2 += d;
+    }
+    sum_dy[c] += a0;
+    sum_dy_xmu[c] += a1;
+    sum_xmu[c] += a2;
   }
 }
 
@@ -273,8 +280,9 @@ void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const a
         m[c] = T(mean[j * C + c0 + c]);
         s_dy[c] = s_dyx[c] = s_x[c] = 0;
       }
-      for (int64_t r = l.begin(j); r < l.end(j); ++r)
-        add_grad_sums(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, m, nc);
+      for_row_groups<8>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
+        add_grad_columns<decltype(k)::value>(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, C, m, nc);
+      });
       block_grad_coefficients(nc, inv_n, m, s_x, s_dy, s_dyx, invstd + j * C + c0, w ? w + c0 : nullptr,
                               sum_dy + j * C + c0, sum_dy_xmu + j * C + c0, fa, fk, fc);
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
