@@ -20,24 +20,28 @@ import torch.utils.checkpoint
 
 from bnfx.torch_internals import in_backward
 
-_local = threading.local()
+class _Depth(threading.local):
+    value = 0  # nested recomputations on this thread (a class default: read on every batch-norm call)
+
+
+_depth = _Depth()
 
 
 def recomputing() -> bool:
     """Whether this thread is recomputing checkpointed code (its batch norms write no state):
     a region kept by ``bnfx.trace``, or any forward run eagerly inside a backward."""
-    if getattr(_local, "depth", 0) > 0:
+    if _depth.value > 0:
         return True
     return not torch.compiler.is_compiling() and bool(in_backward())
 
 
 @contextlib.contextmanager
 def _recomputation():
-    _local.depth = getattr(_local, "depth", 0) + 1
+    _depth.value += 1
     try:
         yield
     finally:
-        _local.depth -= 1
+        _depth.value -= 1
 
 
 def run_checkpointed(region, *args, **options):

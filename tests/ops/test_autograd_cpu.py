@@ -102,6 +102,30 @@ def test_the_cpu_kernels_take_other_layouts_and_dtypes(group, request):
             torch.testing.assert_close(b.to(a.dtype), a, rtol=rtol, atol=rtol * 4)
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["ghost", "sync"])
+def test_channels_last_input_costs_no_copy(group, request):
+    """Channels-last input ([B, C, S...] in [B, S..., C] memory: convolutions under inductor,
+    channels_last models, transposed sequences) is read in place as [B S, C] rows."""
+    group_name = request.getfixturevalue("group_name") if group else None
+    torch.manual_seed(0)
+    weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+    images = torch.randn(8, 3, 6, 6).to(memory_format=torch.channels_last)
+    sequences = torch.randn(8, 12, 3).transpose(1, 2)
+    for x in (images, sequences):
+        grad = torch.randn_like(x)  # the same layout, as a backward gives it
+        with torch.profiler.profile(record_shapes=True) as prof:
+            got = run(x, weight, bias, (None, None, None), 4, 0.1, grad, group_name)
+        copies = [
+            (e.name, e.input_shapes) for e in prof.events()
+            if e.name in ("aten::copy_", "aten::clone", "aten::contiguous") and list(x.shape) in e.input_shapes
+        ]
+        assert copies == []  # (per-channel statistics may be converted)
+        assert got[0].stride() == got[-3].stride() == x.stride()
+        expected = run(x.contiguous(), weight, bias, (None, None, None), 4, 0.1, grad.contiguous(), group_name)
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_default_bodies_turn_the_cpp_kernels_off():
     torch.manual_seed(0)
     x, weight, bias = torch.randn(16, 8) * 3 + 1, torch.rand(8) + 0.5, torch.randn(8)

@@ -59,10 +59,17 @@ def _interpreted_bf16(kernel, dtype) -> bool:
     return kernel == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("kernel", kernel_workers.KERNELS + ("decomposition",))
+@pytest.mark.parametrize(
+    "kernel, channels_last",
+    [(kernel, False) for kernel in kernel_workers.KERNELS + ("decomposition",)]
+    # the C++ kernels read channels-last input as [B H W, C] rows: chunks of 288 rows
+    + [("cpu-extension", True)],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ghost(kernel, dtype):
+def test_ghost(kernel, channels_last, dtype):
     x, dy, weight, bias = _data(dtype)
+    if channels_last:
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
     exact = _per_chunk(x.double(), dy.double(), weight, bias, torch.float64)
     theirs = _errors(*_per_chunk(x, dy, weight, bias, torch.float32), exact, dtype)
     zeros = torch.zeros(CHANNELS)

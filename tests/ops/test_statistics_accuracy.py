@@ -33,9 +33,18 @@ def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
 
 
 @pytest.mark.parametrize("kernel", kernel_workers.KERNELS + ("decomposition",))
-@pytest.mark.parametrize("shape,g", [((32, 4, 16, 16), 16), ((32, 4, 5, 5), 8), ((256, 64), 32)])
-def test_ghost(kernel, shape, g):
-    x = ill_conditioned(shape)
+@pytest.mark.parametrize(
+    "shape,g,memory_format",
+    [
+        ((32, 4, 16, 16), 16, torch.contiguous_format),
+        ((32, 4, 16, 16), 16, torch.channels_last),  # the C++ kernels read it as [B H W, C] rows
+        ((32, 4, 5, 5), 8, torch.contiguous_format),
+        ((256, 64), 32, torch.contiguous_format),
+    ],
+    ids=str,
+)
+def test_ghost(kernel, shape, g, memory_format):
+    x = ill_conditioned(shape).to(memory_format=memory_format)
     channels, nchunks = shape[1], shape[0] // g
     zeros = torch.zeros(channels)
     out, _, new_var, *_ = kernel_workers.run_kernel(

@@ -147,9 +147,9 @@ void normalize_row(T* __restrict out, const T* __restrict x, const T* __restrict
 }
 
 // The backward's sums, of terms without a common offset (x - mean is exact in T near the
-// mean), accumulate in the math type: over a chunk's rows of [B, C] input, K rows `stride`
-// apart at a time (the accumulators stay in registers across them, as add_shifted_columns's
-// do), and over a group of spatial rows, added up in double.
+// mean), accumulate in the math type: over up to kGradRowsPerTotal rows of [B, C] input, K
+// rows `stride` apart at a time (the accumulators stay in registers across them, as
+// add_shifted_columns's do), and over a group of spatial rows; their totals in double.
 template <int K, typename T, typename A>
 void add_grad_columns(A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict sum_xmu, const T* __restrict dy,
                       const T* __restrict x, int64_t stride, const T* __restrict mean, int64_t n) {
@@ -208,8 +208,8 @@ Coefficients grad_coefficients(double inv_n, T m, double sum_xmu, double sum_dy,
 // block_coefficients in the forward): [B, C] input with small chunks has as many coefficients
 // as values, and only this form vectorizes. Also stores the sums the op returns.
 template <typename T, typename A>
-void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, const A* __restrict s_x,
-                             const A* __restrict s_dy, const A* __restrict s_dyx, const A* __restrict invstd,
+void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, const double* __restrict s_x,
+                             const double* __restrict s_dy, const double* __restrict s_dyx, const A* __restrict invstd,
                              const T* __restrict w, A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict fa,
                              A* __restrict fk, A* __restrict fc) {
   const double ulp = std::numeric_limits<T>::epsilon();
@@ -223,6 +223,16 @@ void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, co
     fa[c] = a;
     fk[c] = k;
     fc[c] = k * residual - a * dy * inv_n;
+  }
+}
+
+template <typename A>
+void add_to_totals(int64_t nc, double* __restrict t_dy, double* __restrict t_dyx, double* __restrict t_x,
+                   const A* __restrict s_dy, const A* __restrict s_dyx, const A* __restrict s_x) {
+  for (int64_t c = 0; c < nc; ++c) {
+    t_dy[c] += s_dy[c];
+    t_dyx[c] += s_dyx[c];
+    t_x[c] += s_x[c];
   }
 }
 
@@ -264,6 +274,11 @@ void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double ep
   });
 }
 
+// The backward's [B, C] sums run in the math type over this many rows at most, then join
+// double totals: a chunk of channels-last input is thousands of rows, and a float sum over
+// all of them would lose digits that the spatial path's double totals keep.
+constexpr int64_t kGradRowsPerTotal = 64;
+
 template <typename T>
 void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const at::opmath_type<T>* mean,
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
@@ -273,17 +288,24 @@ void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const a
     T m[kChannelBlock];
     A s_dy[kChannelBlock], s_dyx[kChannelBlock], s_x[kChannelBlock], fa[kChannelBlock], fk[kChannelBlock],
         fc[kChannelBlock];
+    double t_dy[kChannelBlock], t_dyx[kChannelBlock], t_x[kChannelBlock];
     for (int64_t task = first; task < last; ++task) {
       const int64_t j = task / nblocks, c0 = task % nblocks * kChannelBlock, nc = std::min(kChannelBlock, C - c0);
       const double inv_n = 1.0 / l.count(j);
       for (int64_t c = 0; c < nc; ++c) {
         m[c] = T(mean[j * C + c0 + c]);
-        s_dy[c] = s_dyx[c] = s_x[c] = 0;
+        t_dy[c] = t_dyx[c] = t_x[c] = 0;
       }
-      for_row_groups<8>(l.begin(j), l.end(j), [&](auto k, int64_t r) {
-        add_grad_columns<decltype(k)::value>(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, C, m, nc);
-      });
-      block_grad_coefficients(nc, inv_n, m, s_x, s_dy, s_dyx, invstd + j * C + c0, w ? w + c0 : nullptr,
+      for (int64_t r0 = l.begin(j); r0 < l.end(j); r0 += kGradRowsPerTotal) {
+        std::fill(s_dy, s_dy + nc, A(0));
+        std::fill(s_dyx, s_dyx + nc, A(0));
+        std::fill(s_x, s_x + nc, A(0));
+        for_row_groups<8>(r0, std::min(l.end(j), r0 + kGradRowsPerTotal), [&](auto k, int64_t r) {
+          add_grad_columns<decltype(k)::value>(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, C, m, nc);
+        });
+        add_to_totals(nc, t_dy, t_dyx, t_x, s_dy, s_dyx, s_x);
+      }
+      block_grad_coefficients(nc, inv_n, m, t_x, t_dy, t_dyx, invstd + j * C + c0, w ? w + c0 : nullptr,
                               sum_dy + j * C + c0, sum_dy_xmu + j * C + c0, fa, fk, fc);
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
         grad_row(dx + c0 + r * C, dy + c0 + r * C, x + c0 + r * C, m, fa, fk, fc, nc);

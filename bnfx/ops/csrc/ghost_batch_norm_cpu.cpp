@@ -2,10 +2,11 @@
 // dispatcher runs below autograd) and its autograd kernel (AutogradCPU), registered with the
 // dispatcher; other devices keep the op's Python layers (ghost_batch_norm.py).
 //
-// The kernels take every CPU call: contiguous float/double input directly, other input through
-// a contiguous float32/float64 copy (float16 and bfloat16 computed in float32, as the default
-// body does), results in the input's dtype and layout. They check their arguments as the
-// Python op does, with its messages.
+// The kernels take every CPU call: contiguous and channels-last float/double input directly,
+// other input through a contiguous float32/float64 copy (float16 and bfloat16 computed in
+// float32, as the default body does), results in the input's dtype and layout
+// (op_support_cpu.h's MathInput). They check their arguments as the Python op does, with its
+// messages.
 //
 // The autograd kernel is one C++ node: it sends the forward below autograd (to these kernels,
 // or to whatever a dispatch mode or a fake tensor calls for) and its backward calls
@@ -68,8 +69,9 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
                                   std::optional<double> momentum, double eps) {
   const int64_t chunk_size = checked_chunk_size(input, ghost_batch_size.expect_int(), running_mean, running_var,
                                                 momentum, num_batches_tracked);
-  const Tensor x = bnfx_cpu::kernel_input(input, bnfx_cpu::math_type(input));
-  auto r = bnfx_cpu::forward(x, weight, bias, chunk_size, eps);  // out, mean, invstd, unbiased var
+  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  // out, mean, invstd, unbiased var
+  auto r = bnfx_cpu::forward(x.values(), weight, bias, chunk_size * x.rows_per_sample(), eps);
   Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
   if (running_mean.has_value()) {
     auto state = bnfx_cpu::running_stats(*running_mean, *running_var, r[1], r[3], momentum, num_batches_tracked);
@@ -79,19 +81,19 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
   const int64_t nchunks = r[1].size(0);
   Tensor new_tracked =
       num_batches_tracked.has_value() ? bnfx_cpu::counter_plus(*num_batches_tracked, nchunks) : input.new_empty({0});
-  return {bnfx_cpu::like_input(r[0], input), new_mean, new_var, new_tracked, r[1], r[2]};
+  return {x.result(r[0]), new_mean, new_var, new_tracked, r[1], r[2]};
 }
 
 GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                           const Tensor& save_mean, const Tensor& save_invstd,
                                           c10::SymInt ghost_batch_size, double eps) {
-  const auto type = bnfx_cpu::math_type(input);
+  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
   const int64_t chunk_size = chunk_size_of(input.size(0), ghost_batch_size.expect_int());
   // grad_input, then per-chunk sum(dy) and sum(dy (x - mean)) [nchunks, C]
-  auto r = bnfx_cpu::backward(bnfx_cpu::kernel_input(grad_out, type), bnfx_cpu::kernel_input(input, type), weight,
-                              save_mean, save_invstd, chunk_size);
-  const Tensor grad_input = bnfx_cpu::like_input(r[0], input);
-  if (!weight.has_value()) return {grad_input, input.new_empty({0}), input.new_empty({0})};
+  auto r = bnfx_cpu::backward(x.read(grad_out), x.values(), weight, save_mean, save_invstd,
+                              chunk_size * x.rows_per_sample());
+  const Tensor grad_input = x.result(r[0]);
+  if (!weight.has_value()) return bnfx_cpu::no_affine_grads(grad_input, input);
   auto affine = bnfx_cpu::affine_grads(r[1], r[2], save_invstd, *weight);
   return {grad_input, affine[0], affine[1]};
 }

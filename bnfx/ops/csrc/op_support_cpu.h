@@ -50,9 +50,6 @@ inline at::ScalarType math_type(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ``t`` as the C++ math reads it: contiguous, of ``type`` (``t`` itself where it already is).
-inline at::Tensor kernel_input(const at::Tensor& t, at::ScalarType type) { return as_type(t, type).contiguous(); }
-
 // ``counter + n`` for a batch counter (num_batches_tracked): an int64 scalar written directly.
 inline at::Tensor counter_plus(const at::Tensor& counter, int64_t n) {
   if (counter.scalar_type() != at::kLong || counter.numel() != 1 || !counter.is_contiguous()) return counter + n;
@@ -61,12 +58,49 @@ inline at::Tensor counter_plus(const at::Tensor& counter, int64_t n) {
   return next;
 }
 
-// A result of the C++ math as the default bodies return it: the input's dtype and layout
-// (``torch.empty_like(input)``).
-inline at::Tensor like_input(const at::Tensor& result, const at::Tensor& input) {
-  if (result.scalar_type() == input.scalar_type() && input.is_contiguous()) return result;
-  return at::empty_like(input).copy_(result);
-}
+// A CPU kernel's input as the C++ math reads it (contiguous [B, C, S] or [B, C] rows, in the
+// math type), and the math's results back in the input's dtype and layout, as the default
+// bodies return them (``torch.empty_like(input)``).
+//
+// Channels-last input, [B, C, S...] whose memory is [B, S..., C] (convolutions under
+// inductor's layout optimization, models in torch.channels_last, transposed sequences), is
+// read as the rows of [B S, C], a view: the math's [B, C] path takes it with no copy, where a
+// contiguous copy would cost a pass over the input and another over each result. A sample is
+// then S rows. Other layouts are read through a contiguous copy.
+class MathInput {
+ public:
+  MathInput(const at::Tensor& input, at::ScalarType type) : input_(input), type_(type) {
+    const at::Tensor t = as_type(input, type);
+    rows_ = input.dim() >= 3 && !t.is_contiguous() && t.movedim(1, -1).is_contiguous();
+    values_ = rows_ ? as_rows(t) : t.contiguous();
+    rows_per_sample_ = rows_ ? values_.size(0) / input.size(0) : 1;
+  }
+
+  const at::Tensor& values() const { return values_; }
+  // How many rows of values() one sample is: S for channels-last input, else 1.
+  int64_t rows_per_sample() const { return rows_per_sample_; }
+
+  // Another tensor of the input's shape (the output gradient), read as values() is.
+  at::Tensor read(const at::Tensor& t) const {
+    const at::Tensor typed = as_type(t, type_);
+    return rows_ ? as_rows(typed) : typed.contiguous();
+  }
+
+  // A result of the math, laid out as values() is, in the input's dtype and layout.
+  at::Tensor result(const at::Tensor& math_out) const {
+    const at::Tensor out = rows_ ? math_out.view(input_.movedim(1, -1).sizes()).movedim(-1, 1) : math_out;
+    if (out.scalar_type() == input_.scalar_type() && out.strides() == input_.strides()) return out;
+    return at::empty_like(input_).copy_(out);
+  }
+
+ private:
+  static at::Tensor as_rows(const at::Tensor& t) { return t.movedim(1, -1).reshape({-1, t.size(1)}); }
+
+  at::Tensor input_, values_;
+  at::ScalarType type_;
+  bool rows_ = false;
+  int64_t rows_per_sample_ = 1;
+};
 
 // What a forward keeps for its backward: every output but the first is state or statistics,
 // not differentiable (and gets no zero gradient); saved are the input, the weight and the
@@ -115,13 +149,19 @@ torch::autograd::variable_list backward_through(torch::autograd::AutogradContext
   return input_grads;
 }
 
+// A backward kernel's outputs for an op called without a weight: no weight or bias gradients.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> no_affine_grads(const at::Tensor& grad_input,
+                                                                      const at::Tensor& input) {
+  return {grad_input, input.new_empty({0}), input.new_empty({0})};
+}
+
 // The weight and bias gradients a backward kernel returns: empty where there is no weight.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_outputs(const at::Tensor& grad_input,
                                                                        const at::Tensor& input,
                                                                        const std::optional<at::Tensor>& weight,
                                                                        const at::Tensor& grad_weight,
                                                                        const at::Tensor& grad_bias) {
-  if (!weight.has_value()) return {grad_input, input.new_empty({0}), input.new_empty({0})};
+  if (!weight.has_value()) return no_affine_grads(grad_input, input);
   return {grad_input, grad_weight.to(weight->scalar_type()), grad_bias.to(weight->scalar_type())};
 }
 

@@ -4,8 +4,9 @@
 //
 // The kernels compute what the op's default body does, in C++ and with the C++ statistics
 // (float64), one all-reduce per direction on the group's process group. They take every CPU
-// call: contiguous float/double input directly, other input through a contiguous
-// float32/float64 copy, results in the input's dtype and layout; they check their arguments as
+// call: contiguous and channels-last float/double input directly, other input through a
+// contiguous float32/float64 copy, results in the input's dtype and layout
+// (op_support_cpu.h's MathInput); they check their arguments as
 // the Python op does, with its messages.
 //
 // The autograd kernel is one C++ node, as the ghost op's (ghost_batch_norm_cpu.cpp).
@@ -159,20 +160,19 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
                                 c10::string_view group_name) {
   bnfx_cpu::check_args(input, running_mean, running_var, momentum, num_batches_tracked);
   const auto group = group_named(group_name);
-  auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] =
-      forward_in_cpp(group, bnfx_cpu::kernel_input(input, bnfx_cpu::math_type(input)), weight, bias, running_mean,
-                     running_var, num_batches_tracked, momentum, eps);
-  return {bnfx_cpu::like_input(out, input), new_mean, new_var, new_tracked, save_mean, save_var, count};
+  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = forward_in_cpp(
+      group, x.values(), weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  return {x.result(out), new_mean, new_var, new_tracked, save_mean, save_var, count};
 }
 
 GradOutputs sync_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                          const Tensor& save_mean, const Tensor& save_var, const Tensor& count,
                                          double eps, c10::string_view group_name) {
-  const auto type = bnfx_cpu::math_type(input);
-  auto [grad_input, grad_weight, grad_bias] =
-      backward_in_cpp(group_named(group_name), bnfx_cpu::kernel_input(grad_out, type),
-                      bnfx_cpu::kernel_input(input, type), weight, save_mean, save_var, count, eps);
-  return bnfx_cpu::backward_outputs(bnfx_cpu::like_input(grad_input, input), input, weight, grad_weight, grad_bias);
+  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  auto [grad_input, grad_weight, grad_bias] = backward_in_cpp(group_named(group_name), x.read(grad_out), x.values(),
+                                                              weight, save_mean, save_var, count, eps);
+  return bnfx_cpu::backward_outputs(x.result(grad_input), input, weight, grad_weight, grad_bias);
 }
 
 class SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
