@@ -80,18 +80,11 @@ def training_steps(variants: dict, x, target) -> dict:
     return steps
 
 
-def warm_up(steps: dict, may_fail=()) -> dict[str, str]:
-    """Runs every step twice (compiles happen here); returns why each step of may_fail failed."""
-    failed = {}
-    for name, step in steps.items():
-        try:
-            step()
-            step()
-        except Exception as error:
-            if name not in may_fail:
-                raise
-            failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-    return failed
+def warm_up(steps: dict) -> None:
+    """Runs every step twice (compiles happen here)."""
+    for step in steps.values():
+        step()
+        step()
 
 
 def interleaved_times(steps: dict, reps: int, before_each=lambda: None) -> dict[str, list[float]]:
@@ -170,16 +163,13 @@ def sync_variants(name: str, args, floor_group) -> dict:
 
 
 def measure_sync(name: str, args, floor_group, generator) -> dict:
-    """Per variant: (step times, gloo collectives per step), or why its warm-up failed."""
+    """Per variant: (step times, gloo collectives per step)."""
     x, target = make_batch(name, args, generator)
     steps = training_steps(sync_variants(name, args, floor_group), x, target)
-    failed = warm_up(steps, may_fail={"floor compiled"})  # Dynamo may refuse the hooks' collectives
-    measured = {variant: f"failed, {failed[variant]}" for variant in failed}
-    steps = {variant: step for variant, step in steps.items() if variant not in failed}
+    warm_up(steps)
     collectives = {variant: gloo_collectives(step) for variant, step in steps.items()}
     times = interleaved_times(steps, args.reps, before_each=dist.barrier)
-    measured.update({variant: (times[variant], collectives[variant]) for variant in steps})
-    return measured
+    return {variant: (times[variant], collectives[variant]) for variant in steps}
 
 
 def sync_worker(rank: int, init: str, args, results) -> None:
@@ -208,16 +198,11 @@ def rank0_result(procs, results):
 
 
 def sync_rows(name: str, measured: dict) -> list:
-    def times_of(variant):  # None where the variant failed or did not run
-        result = measured.get(variant)
-        return result[0] if isinstance(result, tuple) else None
+    def times_of(variant):  # None where the variant did not run
+        return measured[variant][0] if variant in measured else None
 
     rows = []
-    for variant, result in measured.items():
-        if isinstance(result, str):
-            rows.append([name, f"{variant}: {result}"])
-            continue
-        times, collectives = result
+    for variant, (times, collectives) in measured.items():
         compiled = variant.endswith("compiled")
         floor = times_of("floor compiled" if compiled else "floor")
         local = None if compiled else times_of("local")

@@ -28,23 +28,68 @@ from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bnfx
+from bnfx.torch_internals import resolve_process_group
+
+
+@torch.library.custom_op("bnfx_benchmarks::sync_point", mutates_args=())
+def sync_point(weight: torch.Tensor, group_name: str) -> torch.Tensor:
+    """A batch-norm layer's weight, after the all-reduce sync batch norm's forward makes (2 C + 1
+    float64 values); its gradient's backward makes the backward's (2 C float32 values). Opaque
+    to torch.compile, so compiled models make the same collectives at the same places."""
+    dist.all_reduce(torch.zeros(2 * weight.numel() + 1, dtype=torch.float64), group=resolve_process_group(group_name))
+    return weight.clone()
+
+
+@sync_point.register_fake
+def _(weight, group_name):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("bnfx_benchmarks::sync_point_backward", mutates_args=())
+def sync_point_backward(grad: torch.Tensor, group_name: str) -> torch.Tensor:
+    """``grad``, after the all-reduce sync batch norm's backward makes (an op of its own, so
+    that compiled backward graphs keep it opaque too)."""
+    dist.all_reduce(torch.zeros(2 * grad.numel()), group=resolve_process_group(group_name))
+    return grad.clone()
+
+
+@sync_point_backward.register_fake
+def _(grad, group_name):
+    return torch.empty_like(grad)
+
+
+def _sync_point_backward(ctx, grad):
+    return sync_point_backward(grad, ctx.group_name), None
+
+
+def _keep_group_name(ctx, inputs, output):
+    ctx.group_name = inputs[1]
+
+
+sync_point.register_autograd(_sync_point_backward, setup_context=_keep_group_name)
+
+
+class _SyncPoint(torch.nn.Module):
+    def __init__(self, group_name: str):
+        super().__init__()
+        self.group_name = group_name
+
+    def forward(self, weight):
+        return sync_point(weight, self.group_name)
 
 
 def with_sync_points(model: torch.nn.Module, group) -> torch.nn.Module:
     """Local batch norm plus, at every batch-norm layer, the collectives sync batch norm needs
     (an all-reduce of 2C+1 float64 values forward, of 2C float32 values backward): the cost
-    of synchronizing alone, a floor for any sync batch norm with one collective per direction."""
-
-    def forward_hook(bn, inputs, output):
-        channels = output.shape[1]
-        dist.all_reduce(torch.zeros(2 * channels + 1, dtype=torch.float64), group=group)
-        if output.requires_grad:
-            output.register_hook(lambda grad: dist.all_reduce(torch.zeros(2 * channels), group=group))
-        return output
-
+    of synchronizing alone, a floor for any sync batch norm with one collective per direction.
+    The collectives ride on each layer's weight (a parametrization: the weight as the layer
+    reads it), where a backward hook on the layer's output would not run in a compiled model,
+    and cost a copy of C values."""
     for module in model.modules():
-        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-            module.register_forward_hook(forward_hook)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            if module.weight is None:
+                raise ValueError(f"with_sync_points needs affine batch-norm layers, got {module}")
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", _SyncPoint(group.group_name))
     return model
 
 

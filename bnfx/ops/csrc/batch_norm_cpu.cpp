@@ -249,12 +249,21 @@ constexpr int64_t kChannelBlock = 256;
 
 int64_t channel_blocks(int64_t channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
 
+// at::parallel_for over tasks of about `values_per_task` values each, with torch's own grain
+// (at::internal::GRAIN_SIZE values): small layers run on the calling thread, since waking the
+// pool costs more than their whole kernel.
+template <typename F>
+void parallel_tasks(int64_t ntasks, int64_t values_per_task, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(values_per_task, 1));
+  at::parallel_for(0, ntasks, grain, f);
+}
+
 template <typename T>
 void forward_rows(const Layout& l, const T* x, const T* w, const T* b, double eps, T* out, at::opmath_type<T>* mean,
                   at::opmath_type<T>* invstd, at::opmath_type<T>* var) {
   using A = at::opmath_type<T>;
   const int64_t C = l.channels, nblocks = channel_blocks(C);
-  at::parallel_for(0, l.nchunks * nblocks, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(l.nchunks * nblocks, l.chunk_size * std::min(C, kChannelBlock), [&](int64_t first, int64_t last) {
     double s1[kChannelBlock], s2[kChannelBlock];
     T hi[kChannelBlock];
     A scale[kChannelBlock], shift[kChannelBlock];
@@ -284,7 +293,7 @@ void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const a
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
   using A = at::opmath_type<T>;
   const int64_t C = l.channels, nblocks = channel_blocks(C);
-  at::parallel_for(0, l.nchunks * nblocks, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(l.nchunks * nblocks, l.chunk_size * std::min(C, kChannelBlock), [&](int64_t first, int64_t last) {
     T m[kChannelBlock];
     A s_dy[kChannelBlock], s_dyx[kChannelBlock], s_x[kChannelBlock], fa[kChannelBlock], fk[kChannelBlock],
         fc[kChannelBlock];
@@ -319,7 +328,7 @@ void forward_impl(const Layout& l, const T* x, const T* w, const T* b, double ep
                   at::opmath_type<T>* invstd, at::opmath_type<T>* var) {
   using A = at::opmath_type<T>;
   const int64_t C = l.channels, S = l.spatial;
-  at::parallel_for(0, l.nchunks * C, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(l.nchunks * C, l.chunk_size * S, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t j = task / C, c = task % C;
       const double n = l.count(j), p = S > 0 ? double(x[(l.begin(j) * C + c) * S]) : 0.0;
@@ -349,7 +358,7 @@ void backward_impl(const Layout& l, const T* dy, const T* x, const T* w, const a
                    const at::opmath_type<T>* invstd, T* dx, at::opmath_type<T>* sum_dy, at::opmath_type<T>* sum_dy_xmu) {
   using A = at::opmath_type<T>;
   const int64_t C = l.channels, S = l.spatial;
-  at::parallel_for(0, l.nchunks * C, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(l.nchunks * C, l.chunk_size * S, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t j = task / C, c = task % C;
       const T m = T(mean[task]);
@@ -381,7 +390,7 @@ template <typename T>
 void moments_impl(const Layout& l, const T* x, double* mean, double* m2) {
   const int64_t C = l.channels, S = l.spatial;
   const double n = double(l.batch) * S;
-  at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(C, l.batch * S, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const double p = x[c * S];
       double s1 = 0, s2 = 0;
@@ -399,7 +408,7 @@ template <typename T>
 void moments_rows(const Layout& l, const T* x, double* mean, double* m2) {
   const int64_t C = l.channels;
   const double n = double(l.batch);
-  at::parallel_for(0, channel_blocks(C), 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(channel_blocks(C), l.batch * std::min(C, kChannelBlock), [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
       const int64_t c0 = block * kChannelBlock, nc = std::min(kChannelBlock, C - c0);
       const T* p = x + c0;
@@ -438,12 +447,12 @@ void affine_grad_impl(const Layout& l, const T* dy, const T* x, const T* hi, con
   using A = at::opmath_type<T>;
   const int64_t C = l.channels, S = l.spatial;
   if (S == 1) {
-    at::parallel_for(0, l.batch, 1, [&](int64_t first, int64_t last) {
+    parallel_tasks(l.batch, C, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) grad_row<kCentered>(dx + r * C, dy + r * C, x + r * C, hi, a, k, c0, C);
     });
     return;
   }
-  at::parallel_for(0, l.batch * C, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(l.batch * C, S, [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t c = row % C;
       const T h = hi[c];
@@ -515,12 +524,12 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     if (S == 1) {
-      at::parallel_for(0, l.batch, 1, [&](int64_t first, int64_t last) {
+      parallel_tasks(l.batch, C, [&](int64_t first, int64_t last) {
         for (int64_t r = first; r < last; ++r) normalize_row(y + r * C, x + r * C, hi.data(), fs.data(), fb.data(), C);
       });
       return;
     }
-    at::parallel_for(0, l.batch * C, 1, [&](int64_t first, int64_t last) {
+    parallel_tasks(l.batch * C, S, [&](int64_t first, int64_t last) {
       for (int64_t row = first; row < last; ++row) {
         const int64_t c = row % C;
         const scalar_t h = hi[c];
