@@ -63,6 +63,15 @@ def fake_state(input: Tensor, running_mean, running_var, num_batches_tracked, em
     return like(running_mean), like(running_var), like(num_batches_tracked)
 
 
+def laid_out_like(result: Tensor, input: Tensor) -> Tensor:
+    """``result`` (of ``input``'s shape) with the strides the fake kernels give it,
+    ``torch.empty_like(input)``'s: inductor trusts them (the ops are ``flexible_layout``)."""
+    if result.stride() == input.stride():  # a fresh result is dense, so input is too
+        return result
+    like = torch.empty_like(input, dtype=result.dtype)
+    return result if like.stride() == result.stride() else like.copy_(result)
+
+
 def fake_input_grads(input: Tensor, weight):
     if weight is None:
         return torch.empty_like(input), input.new_empty(0), input.new_empty(0)

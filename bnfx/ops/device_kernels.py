@@ -35,9 +35,17 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def custom_op(name: str, default_body):
-    """The op ``bnfx::name`` (``torch.library.custom_op``) whose default body is ``default_body``."""
+    """The op ``bnfx::name`` (``torch.library.custom_op``) whose default body is ``default_body``.
+
+    Every kernel takes any layout and returns its tensor outputs laid out as the fake kernels
+    say (``torch.empty_like(input)``), so the ops are tagged ``flexible_layout``: inductor then
+    passes them what its layout optimization made (channels-last convolution outputs), where
+    its default for custom ops would copy each input to the strides seen while tracing, and
+    each output back."""
     _default_bodies[name] = default_body
-    return torch.library.custom_op(f"bnfx::{name}", default_body, mutates_args=())
+    return torch.library.custom_op(
+        f"bnfx::{name}", default_body, mutates_args=(), tags=(torch.Tag.flexible_layout,)
+    )
 
 
 @functools.cache

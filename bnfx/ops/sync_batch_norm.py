@@ -86,12 +86,15 @@ class _LocalKernels:
             # the mean is large against the spread: center on the mean's float32 rounding
             # first, and normalize the rest (what is left of the mean is small).
             estimate = mean.to(dtype)
-            input = input - _channel_view(estimate, input)
+            centered = input - _channel_view(estimate, input)
             offset = mean - estimate.double()
+        else:
+            centered = input
         weight, bias = (None if p is None else p.to(dtype) for p in (weight, bias))
-        return torch.ops.aten._native_batch_norm_legit_no_training(
-            input, weight, bias, offset.to(dtype), var.to(dtype), 0.0, eps
+        out = torch.ops.aten._native_batch_norm_legit_no_training(
+            centered, weight, bias, offset.to(dtype), var.to(dtype), 0.0, eps
         )[0]
+        return contract.laid_out_like(out, input)
 
     @staticmethod
     def grad_sums(grad_out, input, save_mean, save_var, eps):
@@ -106,7 +109,8 @@ class _LocalKernels:
         """``a dy - k (x - mean) + c`` with per-channel coefficients."""
         centered = input.to(contract.stat_dtype(input)) - _channel_view(save_mean, input)
         grad_input = torch.addcmul(_channel_view(c, input), centered, _channel_view(k, input), value=-1)
-        return grad_input.addcmul_(grad_out, _channel_view(a, input)).to(input.dtype)
+        grad_input = grad_input.addcmul_(grad_out, _channel_view(a, input)).to(input.dtype)
+        return contract.laid_out_like(grad_input, input)
 
 
 class _TritonKernels(_LocalKernels):
