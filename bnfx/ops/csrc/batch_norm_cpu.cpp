@@ -207,9 +207,9 @@ Coefficients grad_coefficients(double inv_n, T m, double sum_xmu, double sum_dy,
 // A (chunk, channel block)'s grad_coefficients from its sums, over restrict arrays (as
 // block_coefficients in the forward): [B, C] input with small chunks has as many coefficients
 // as values, and only this form vectorizes. Also stores the sums the op returns.
-template <typename T, typename A>
-void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, const double* __restrict s_x,
-                             const double* __restrict s_dy, const double* __restrict s_dyx, const A* __restrict invstd,
+template <typename T, typename A, typename S>
+void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, const S* __restrict s_x,
+                             const S* __restrict s_dy, const S* __restrict s_dyx, const A* __restrict invstd,
                              const T* __restrict w, A* __restrict sum_dy, A* __restrict sum_dy_xmu, A* __restrict fa,
                              A* __restrict fk, A* __restrict fc) {
   const double ulp = std::numeric_limits<T>::epsilon();
@@ -228,11 +228,12 @@ void block_grad_coefficients(int64_t nc, double inv_n, const T* __restrict m, co
 
 template <typename A>
 void add_to_totals(int64_t nc, double* __restrict t_dy, double* __restrict t_dyx, double* __restrict t_x,
-                   const A* __restrict s_dy, const A* __restrict s_dyx, const A* __restrict s_x) {
+                   A* __restrict s_dy, A* __restrict s_dyx, A* __restrict s_x) {
   for (int64_t c = 0; c < nc; ++c) {
     t_dy[c] += s_dy[c];
     t_dyx[c] += s_dyx[c];
     t_x[c] += s_x[c];
+    s_dy[c] = s_dyx[c] = s_x[c] = 0;
   }
 }
 
@@ -303,19 +304,29 @@ void backward_rows(const Layout& l, const T* dy, const T* x, const T* w, const a
       const double inv_n = 1.0 / l.count(j);
       for (int64_t c = 0; c < nc; ++c) {
         m[c] = T(mean[j * C + c0 + c]);
-        t_dy[c] = t_dyx[c] = t_x[c] = 0;
+        s_dy[c] = s_dyx[c] = s_x[c] = 0;
       }
-      for (int64_t r0 = l.begin(j); r0 < l.end(j); r0 += kGradRowsPerTotal) {
-        std::fill(s_dy, s_dy + nc, A(0));
-        std::fill(s_dyx, s_dyx + nc, A(0));
-        std::fill(s_x, s_x + nc, A(0));
-        for_row_groups<8>(r0, std::min(l.end(j), r0 + kGradRowsPerTotal), [&](auto k, int64_t r) {
+      auto add_rows = [&](int64_t begin, int64_t end) {
+        for_row_groups<8>(begin, end, [&](auto k, int64_t r) {
           add_grad_columns<decltype(k)::value>(s_dy, s_dyx, s_x, dy + c0 + r * C, x + c0 + r * C, C, m, nc);
         });
-        add_to_totals(nc, t_dy, t_dyx, t_x, s_dy, s_dyx, s_x);
+      };
+      const T* w_block = w ? w + c0 : nullptr;
+      if (l.end(j) - l.begin(j) <= kGradRowsPerTotal) {  // small chunks: the sums as they are
+        add_rows(l.begin(j), l.end(j));
+        block_grad_coefficients(nc, inv_n, m, s_x, s_dy, s_dyx, invstd + j * C + c0, w_block, sum_dy + j * C + c0,
+                                sum_dy_xmu + j * C + c0, fa, fk, fc);
+      } else {
+        std::fill(t_dy, t_dy + nc, 0.0);
+        std::fill(t_dyx, t_dyx + nc, 0.0);
+        std::fill(t_x, t_x + nc, 0.0);
+        for (int64_t r0 = l.begin(j); r0 < l.end(j); r0 += kGradRowsPerTotal) {
+          add_rows(r0, std::min(l.end(j), r0 + kGradRowsPerTotal));
+          add_to_totals(nc, t_dy, t_dyx, t_x, s_dy, s_dyx, s_x);  // and zeroes the sums
+        }
+        block_grad_coefficients(nc, inv_n, m, t_x, t_dy, t_dyx, invstd + j * C + c0, w_block, sum_dy + j * C + c0,
+                                sum_dy_xmu + j * C + c0, fa, fk, fc);
       }
-      block_grad_coefficients(nc, inv_n, m, t_x, t_dy, t_dyx, invstd + j * C + c0, w ? w + c0 : nullptr,
-                              sum_dy + j * C + c0, sum_dy_xmu + j * C + c0, fa, fk, fc);
       for (int64_t r = l.begin(j); r < l.end(j); ++r)
         grad_row(dx + c0 + r * C, dy + c0 + r * C, x + c0 + r * C, m, fa, fk, fc, nc);
     }
@@ -428,17 +439,16 @@ void moments_rows(const Layout& l, const T* x, double* mean, double* m2) {
 
 namespace bnfx_cpu {
 
-// Returns (mean, m2), [C] in double; zeros for an empty batch.
-std::vector<at::Tensor> moments(const at::Tensor& input) {
-  auto mean = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
-  auto m2 = at::zeros_like(mean);
-  if (input.numel() == 0) return {mean, m2};
+// Fills mean and m2 [C] (double); zeros for an empty batch.
+void moments(const at::Tensor& input, std::vector<double>& mean, std::vector<double>& m2) {
+  mean.assign(input.size(1), 0.0);
+  m2.assign(input.size(1), 0.0);
+  if (input.numel() == 0) return;
   const Layout l = layout_of(input, input.size(0));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_moments", [&] {
     auto run = l.spatial == 1 ? moments_rows<scalar_t> : moments_impl<scalar_t>;
-    run(l, input.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(), m2.mutable_data_ptr<double>());
+    run(l, input.const_data_ptr<scalar_t>(), mean.data(), m2.data());
   });
-  return {mean, m2};
 }
 
 template <bool kCentered, typename T>
@@ -465,35 +475,35 @@ void affine_grad_impl(const Layout& l, const T* dy, const T* x, const T* hi, con
 }
 
 // grad_input = a dy - k x + c0 with per-channel coefficients [C], one pass. Given the mean
-// [C] (any floating type; double keeps the digits that T(mean) drops), the centered form
+// [C] (in double, which keeps the digits that T(mean) drops), the centered form
 // a dy - k (x - mean) + c0 instead, where no term grows with mean / std.
-at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a, const at::Tensor& k,
-                       const at::Tensor& c0, const c10::optional<at::Tensor>& mean) {
+at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const std::vector<double>& a,
+                       const std::vector<double>& k, const std::vector<double>& c0, const std::vector<double>* mean) {
   auto dx = at::empty_like(input);
   if (input.numel() == 0) return dx;
   const Layout l = layout_of(input, input.size(0));
   const int64_t C = l.channels;
-  TORCH_CHECK(!mean.has_value() || mean->numel() == C, "mean must have one value per channel (", C, "), got ",
-              mean.has_value() ? mean->numel() : 0);
+  TORCH_CHECK(int64_t(a.size()) == C && int64_t(k.size()) == C && int64_t(c0.size()) == C &&
+                  (mean == nullptr || int64_t(mean->size()) == C),
+              "a, k, c0 and mean must have one value per channel (", C, ")");
   auto dy = grad_out.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_affine_grad", [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    auto fa = a.to(acc).contiguous(), fk = k.to(acc).contiguous(), fc = c0.to(acc).contiguous();
+    std::vector<A> fa(C), fk(C), fc(C);
     std::vector<scalar_t> hi(C, scalar_t(0));
-    if (mean.has_value()) {
-      auto dm = mean->to(at::kDouble).contiguous();
-      auto dc = c0.to(at::kDouble).contiguous(), dk = k.to(at::kDouble).contiguous();
-      fc = at::empty_like(fc);
-      for (int64_t c = 0; c < C; ++c) {
-        const Center<scalar_t> center(dm.const_data_ptr<double>()[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      fa[c] = A(a[c]);
+      fk[c] = A(k[c]);
+      fc[c] = A(c0[c]);
+      if (mean != nullptr) {
+        const Center<scalar_t> center((*mean)[c]);
         hi[c] = center.hi;
-        fc.mutable_data_ptr<A>()[c] = dc.const_data_ptr<double>()[c] + dk.const_data_ptr<double>()[c] * center.lo;
+        fc[c] = A(c0[c] + k[c] * center.lo);
       }
     }
-    auto run = mean.has_value() ? affine_grad_impl<true, scalar_t> : affine_grad_impl<false, scalar_t>;
-    run(l, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), hi.data(), fa.const_data_ptr<A>(),
-        fk.const_data_ptr<A>(), fc.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>());
+    auto run = mean != nullptr ? affine_grad_impl<true, scalar_t> : affine_grad_impl<false, scalar_t>;
+    run(l, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), hi.data(), fa.data(), fk.data(),
+        fc.data(), dx.mutable_data_ptr<scalar_t>());
   });
   return dx;
 }
@@ -501,25 +511,23 @@ at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, cons
 // out = (x - mean) scale + shift with per-channel mean (double), scale and shift [C]: sync
 // batch norm's normalization with the group's statistics. The mean is split as in the ghost
 // forward, y = (x - hi) scale + (shift - lo scale), so no term grows with mean / std.
-at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift) {
+at::Tensor normalize(const at::Tensor& input, const std::vector<double>& mean, const std::vector<double>& scale,
+                     const std::vector<double>& shift) {
   auto out = at::empty_like(input);
   if (input.numel() == 0) return out;
   const Layout l = layout_of(input, input.size(0));
   const int64_t C = l.channels, S = l.spatial;
-  TORCH_CHECK(mean.numel() == C && scale.numel() == C && shift.numel() == C,
+  TORCH_CHECK(int64_t(mean.size()) == C && int64_t(scale.size()) == C && int64_t(shift.size()) == C,
               "mean, scale and shift must have one value per channel (", C, ")");
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_normalize", [&] {
     using A = at::opmath_type<scalar_t>;
-    auto dm = mean.to(at::kDouble).contiguous(), ds = scale.to(at::kDouble).contiguous();
-    auto db = shift.to(at::kDouble).contiguous();
     std::vector<scalar_t> hi(C);
     std::vector<A> fs(C), fb(C);
     for (int64_t c = 0; c < C; ++c) {
-      const Center<scalar_t> center(dm.const_data_ptr<double>()[c]);
-      const double sc = ds.const_data_ptr<double>()[c];
+      const Center<scalar_t> center(mean[c]);
       hi[c] = center.hi;
-      fs[c] = A(sc);
-      fb[c] = A(db.const_data_ptr<double>()[c] - center.lo * sc);
+      fs[c] = A(scale[c]);
+      fb[c] = A(shift[c] - center.lo * scale[c]);
     }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
@@ -602,7 +610,13 @@ std::vector<double> scaled_values(const at::Tensor& t, double scale) {
 
 // A new tensor of ``like``'s shape, dtype and device holding ``values``.
 at::Tensor tensor_like(const at::Tensor& like, const std::vector<double>& values) {
-  auto t = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  return tensor_of(values, like.sizes(), like.options());
+}
+
+// A new contiguous tensor of ``sizes`` and ``options`` holding ``values``.
+at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(t.numel() == int64_t(values.size()), "tensor_of: ", values.size(), " values for ", t.numel(), " elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bnfx_tensor_like", [&] {
     scalar_t* p = t.mutable_data_ptr<scalar_t>();
     for (size_t i = 0; i < values.size(); ++i) p[i] = scalar_t(values[i]);

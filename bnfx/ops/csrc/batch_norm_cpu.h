@@ -28,6 +28,9 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
                                       std::optional<double> momentum,
                                       const std::optional<at::Tensor>& num_batches_tracked);
 
+// A new contiguous tensor of ``sizes`` and ``options`` (any floating dtype) holding ``values``.
+at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // ``scale`` times the values of a tensor of any floating type, as double.
 std::vector<double> scaled_values(const at::Tensor& t, double scale);
 
@@ -35,11 +38,12 @@ std::vector<double> scaled_values(const at::Tensor& t, double scale);
 std::vector<at::Tensor> affine_grads(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
                                      const at::Tensor& weight);
 
-// bnfx::sync_batch_norm's local work.
-std::vector<at::Tensor> moments(const at::Tensor& input);
-at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                     const at::Tensor& shift);
-at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& a,
-                       const at::Tensor& k, const at::Tensor& c0, const std::optional<at::Tensor>& mean);
+// bnfx::sync_batch_norm's local work, per-channel values [C] in double.
+void moments(const at::Tensor& input, std::vector<double>& mean, std::vector<double>& m2);
+at::Tensor normalize(const at::Tensor& input, const std::vector<double>& mean, const std::vector<double>& scale,
+                     const std::vector<double>& shift);
+// ``mean``: the saved mean, or nullptr for the uncentered form.
+at::Tensor affine_grad(const at::Tensor& grad_out, const at::Tensor& input, const std::vector<double>& a,
+                       const std::vector<double>& k, const std::vector<double>& c0, const std::vector<double>* mean);
 
 }  // namespace bnfx_cpu

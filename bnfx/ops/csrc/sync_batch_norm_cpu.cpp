@@ -62,18 +62,18 @@ double lerp(double self, double end, double weight) {
 
 // The op's forward on CPU, as its default body (sync_batch_norm.py) computes it: the statistics
 // over the group from one all-reduce of [n, n (m - K), M2 + n (m - K)^2] shifted by K = running
-// mean. The per-channel arithmetic around the all-reduce is one loop each side, not a dozen
-// small tensor ops: on small layers those cost more than the collective.
+// mean. The per-channel arithmetic around the all-reduce runs in loops over plain arrays, and
+// each output is written once in its dtype: on small layers a dozen small tensor ops (each
+// an allocation or a conversion) would cost more than the collective.
 SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Tensor& input,
                            const OptionalTensor& weight, const OptionalTensor& bias,
                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
                            const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
   const int64_t channels = input.size(1), count = channels == 0 ? 0 : input.numel() / channels;
-  const auto f64 = input.options().dtype(at::kDouble);
-  auto moments = bnfx_cpu::moments(input);  // mean, M2 [C] in double; zeros for an empty batch
-  const double *m = moments[0].const_data_ptr<double>(), *m2 = moments[1].const_data_ptr<double>();
+  std::vector<double> m, m2;  // [C]; zeros for an empty batch
+  bnfx_cpu::moments(input, m, m2);
   const auto shift = doubles(running_mean), old_var = doubles(running_var), w = doubles(weight), b = doubles(bias);
-  const Tensor sums = at::empty({1 + 2 * channels}, f64);
+  const Tensor sums = at::empty({1 + 2 * channels}, input.options().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
   s[0] = double(count);
   for (int64_t c = 0; c < channels; ++c) {
@@ -84,40 +84,36 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
   all_reduce(group, sums);
 
   const double total = s[0];
-  const Tensor mean = at::empty({channels}, f64), var = at::empty_like(mean), scale = at::empty_like(mean),
-               affine_shift = at::empty_like(mean);
-  double *mean_c = mean.mutable_data_ptr<double>(), *var_c = var.mutable_data_ptr<double>();
-  double *scale_c = scale.mutable_data_ptr<double>(), *shift_c = affine_shift.mutable_data_ptr<double>();
+  std::vector<double> mean(channels), var(channels), scale(channels), affine_shift(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const double shifted_mean = s[1 + c] / total;
     // std::max keeps a nan (an empty group batch), as torch's clamp does
-    var_c[c] = std::max(s[1 + channels + c] / total - shifted_mean * shifted_mean, 0.0);
-    mean_c[c] = (shift.empty() ? 0.0 : shift[c]) + shifted_mean;
-    scale_c[c] = 1.0 / std::sqrt(var_c[c] + eps) * (w.empty() ? 1.0 : w[c]);
-    shift_c[c] = b.empty() ? 0.0 : b[c];
+    var[c] = std::max(s[1 + channels + c] / total - shifted_mean * shifted_mean, 0.0);
+    mean[c] = (shift.empty() ? 0.0 : shift[c]) + shifted_mean;
+    scale[c] = 1.0 / std::sqrt(var[c] + eps) * (w.empty() ? 1.0 : w[c]);
+    affine_shift[c] = b.empty() ? 0.0 : b[c];
   }
 
   Tensor new_tracked =
-      num_batches_tracked.has_value() ? bnfx_cpu::counter_plus(*num_batches_tracked, 1) : mean.new_empty({0});
-  Tensor new_mean = mean.new_empty({0}), new_var = mean.new_empty({0});
+      num_batches_tracked.has_value() ? bnfx_cpu::counter_plus(*num_batches_tracked, 1) : sums.new_empty({0});
+  Tensor new_mean = sums.new_empty({0}), new_var = sums.new_empty({0});
   if (running_mean.has_value()) {
     // cumulative average (momentum=None): this batch is number num_batches_tracked + 1
     const double factor = momentum.has_value() ? *momentum : 1.0 / (num_batches_tracked->item<double>() + 1);
-    new_mean = at::empty_like(mean);
-    new_var = at::empty_like(mean);
-    double *new_mean_c = new_mean.mutable_data_ptr<double>(), *new_var_c = new_var.mutable_data_ptr<double>();
+    std::vector<double> next_mean(channels), next_var(channels);
     for (int64_t c = 0; c < channels; ++c) {
       // a group batch of 0 or 1 value per channel keeps the statistics (no variance estimate)
-      new_mean_c[c] = total > 1 ? lerp(shift[c], mean_c[c], factor) : shift[c];
-      new_var_c[c] = total > 1 ? lerp(old_var[c], var_c[c] * total / (total - 1), factor) : old_var[c];
+      next_mean[c] = total > 1 ? lerp(shift[c], mean[c], factor) : shift[c];
+      next_var[c] = total > 1 ? lerp(old_var[c], var[c] * total / (total - 1), factor) : old_var[c];
     }
-    new_mean = new_mean.to(running_mean->scalar_type());
-    new_var = new_var.to(running_var->scalar_type());
+    new_mean = bnfx_cpu::tensor_of(next_mean, running_mean->sizes(), running_mean->options());
+    new_var = bnfx_cpu::tensor_of(next_var, running_var->sizes(), running_var->options());
   }
 
   const Tensor out = bnfx_cpu::normalize(input, mean, scale, affine_shift);
-  const auto stat_type = input.scalar_type();  // float32 or float64: the statistics dtype
-  return {out, new_mean, new_var, new_tracked, mean.to(stat_type), var.to(stat_type), sums.slice(0, 0, 1)};
+  const auto stats = input.options().dtype(input.scalar_type());  // float32 or float64: the statistics dtype
+  return {out, new_mean, new_var, new_tracked, bnfx_cpu::tensor_of(mean, {channels}, stats),
+          bnfx_cpu::tensor_of(var, {channels}, stats), sums.slice(0, 0, 1)};
 }
 
 // The op's backward on CPU, as its default body computes it: one all-reduce of
@@ -137,21 +133,21 @@ GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     sum_dy_xhat = std::get<1>(local);
     sum_dy = std::get<2>(local);
   }
-  const Tensor sums = at::stack({sum_dy, sum_dy_xhat}).to(save_mean.scalar_type());
+  std::vector<double> local_sums = bnfx_cpu::scaled_values(sum_dy, 1.0);
+  const auto local_dy_xhat = bnfx_cpu::scaled_values(sum_dy_xhat, 1.0);
+  local_sums.insert(local_sums.end(), local_dy_xhat.begin(), local_dy_xhat.end());
+  const Tensor sums = bnfx_cpu::tensor_of(local_sums, {2 * channels}, save_mean.options());
   all_reduce(group, sums);
-  const auto f64 = input.options().dtype(at::kDouble);
-  const auto reduced = doubles(sums), saved_var = doubles(save_var), w = doubles(weight);
+  const auto reduced = doubles(sums), saved_var = doubles(save_var), w = doubles(weight), mean = doubles(save_mean);
   const double n = count.item<double>();
-  const Tensor a = at::empty({channels}, f64), k = at::empty_like(a), c0 = at::empty_like(a);
-  double *a_c = a.mutable_data_ptr<double>(), *k_c = k.mutable_data_ptr<double>();
-  double* c0_c = c0.mutable_data_ptr<double>();
+  std::vector<double> a(channels), k(channels), c0(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const double invstd = 1.0 / std::sqrt(saved_var[c] + eps);
-    a_c[c] = invstd * (w.empty() ? 1.0 : w[c]);
-    k_c[c] = a_c[c] * invstd * (reduced[channels + c] / n);  // a invstd mean(dy x_hat)
-    c0_c[c] = -a_c[c] * (reduced[c] / n);                     // -a mean(dy)
+    a[c] = invstd * (w.empty() ? 1.0 : w[c]);
+    k[c] = a[c] * invstd * (reduced[channels + c] / n);  // a invstd mean(dy x_hat)
+    c0[c] = -a[c] * (reduced[c] / n);                    // -a mean(dy)
   }
-  return {bnfx_cpu::affine_grad(grad_out, input, a, k, c0, save_mean), sum_dy_xhat, sum_dy};
+  return {bnfx_cpu::affine_grad(grad_out, input, a, k, c0, &mean), sum_dy_xhat, sum_dy};
 }
 
 SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
