@@ -11,7 +11,7 @@ mobilenet_v3_small (10 classes) on [batch, 3, size, size] images, and an MLP
    ghost_batch_size=G)``), and plain compiled (inductor) against ghost compiled
    (``bnfx.backend(ghost_batch_size=G, inner="inductor")``). Every variant trains on the same
    batch; after 2 warm-up steps each (compiles happen there) every round runs each variant
-   once, back to back. Prints each variant's median step and the median over rounds of each
+   once, back to back: --reps rounds, or more where rounds are short (--seconds of them). Prints each variant's median step and the median over rounds of each
    round's ghost/plain ratio, eager and compiled (slow phases of the machine cancel).
 2. Sync, spawned gloo processes, one thread each (each pinned to its own core where there are
    enough), every variant under DDP: local batch norm; the floor, local batch norm plus the
@@ -22,7 +22,8 @@ mobilenet_v3_small (10 classes) on [batch, 3, size, size] images, and an MLP
    (compiled rows: to the compiled floor only), and the gloo collectives per step.
 
     python benchmarks/model_step.py [--models resnet18 mobilenet_v3_small mlp] [--batch 32]
-        [--size 64] [--ghost 8] [--reps 10] [--nproc 2] [--no-compile] [--skip-ghost] [--skip-sync]
+        [--size 64] [--ghost 8] [--reps 10] [--seconds 20] [--nproc 2] [--no-compile] [--skip-ghost]
+        [--skip-sync]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import math
 import os
 import queue
 import statistics
@@ -87,6 +89,23 @@ def warm_up(steps: dict) -> None:
         step()
 
 
+def round_count(steps: dict, args, before_each=lambda: None, agree=lambda n: n) -> int:
+    """--reps rounds, more where a round is short: --seconds of rounds at least, so that cheap
+    steps (the MLP's, whose gloo collectives jitter by several percent) get enough rounds for a
+    stable median. ``agree``: the count every process runs (the sync ranks take their largest)."""
+    start = time.perf_counter()
+    for step in steps.values():
+        before_each()
+        step()
+    return agree(max(args.reps, math.ceil(args.seconds / (time.perf_counter() - start))))
+
+
+def largest_over_ranks(n: int) -> int:
+    count = torch.tensor([n])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def interleaved_times(steps: dict, reps: int, before_each=lambda: None) -> dict[str, list[float]]:
     times = {name: [] for name in steps}
     for _ in range(reps):
@@ -123,8 +142,9 @@ def ghost_row(name: str, args) -> list:
     x, target = make_batch(name, args, torch.Generator().manual_seed(0))
     steps = training_steps(ghost_variants(make_model(name), args), x, target)
     warm_up(steps)
-    times = interleaved_times(steps, args.reps)
-    row = [name]
+    rounds = round_count(steps, args)
+    times = interleaved_times(steps, rounds)
+    row = [name, rounds]
     for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
         plain, ghost = times[f"plain {mode}"], times[f"ghost {mode}"]
         row += [median_ms(plain), median_ms(ghost), per_round_ratio(ghost, plain)]
@@ -133,13 +153,13 @@ def ghost_row(name: str, args) -> list:
 
 def run_ghost(args) -> None:
     rows = [ghost_row(name, args) for name in args.models]
-    headers = ["model", "plain eager ms", "ghost eager ms", "ghost/plain eager"]
+    headers = ["model", "rounds", "plain eager ms", "ghost eager ms", "ghost/plain eager"]
     if not args.no_compile:
         headers += ["plain compiled ms", "ghost compiled ms", "ghost/plain compiled"]
     print(
         f"ghost train step, one process, {torch.get_num_threads()} threads, batch {args.batch} "
         f"({args.batch}x3x{args.size}x{args.size} images, {args.batch}x{MLP_FEATURES} MLP), "
-        f"ghost batch {args.ghost}, median of {args.reps} interleaved rounds"
+        f"ghost batch {args.ghost}, medians of interleaved rounds"
     )
     print(describe())
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
@@ -163,12 +183,13 @@ def sync_variants(name: str, args, floor_group) -> dict:
 
 
 def measure_sync(name: str, args, floor_group, generator) -> dict:
-    """Per variant: (step times, gloo collectives per step)."""
+    """Per variant: (step times, gloo collectives per step), one step time per round."""
     x, target = make_batch(name, args, generator)
     steps = training_steps(sync_variants(name, args, floor_group), x, target)
     warm_up(steps)
     collectives = {variant: gloo_collectives(step) for variant, step in steps.items()}
-    times = interleaved_times(steps, args.reps, before_each=dist.barrier)
+    rounds = round_count(steps, args, before_each=dist.barrier, agree=largest_over_ranks)
+    times = interleaved_times(steps, rounds, before_each=dist.barrier)
     return {variant: (times[variant], collectives[variant]) for variant in steps}
 
 
@@ -206,7 +227,7 @@ def sync_rows(name: str, measured: dict) -> list:
         compiled = variant.endswith("compiled")
         floor = times_of("floor compiled" if compiled else "floor")
         local = None if compiled else times_of("local")
-        rows.append([name, variant, median_ms(times), per_round_ratio(times, floor),
+        rows.append([name, variant, len(times), median_ms(times), per_round_ratio(times, floor),
                      per_round_ratio(times, local), collectives])
     return rows
 
@@ -226,10 +247,10 @@ def run_sync(args) -> None:
     print(
         f"sync train step, DDP over {args.nproc} gloo processes x 1 thread, per process "
         f"{args.batch}x3x{args.size}x{args.size} images, {args.batch}x{MLP_FEATURES} MLP; rank 0, "
-        f"median of {args.reps} interleaved rounds, each step after a barrier"
+        f"medians of interleaved rounds, each step after a barrier"
     )
     print(machine)
-    headers = ["model", "variant", "step ms", "/ floor (per round)", "/ local (per round)", "gloo collectives"]
+    headers = ["model", "variant", "rounds", "step ms", "/ floor (per round)", "/ local (per round)", "gloo collectives"]
     print(tabulate(rows, headers=headers, floatfmt=".3g", missingval=""))
 
 
@@ -239,7 +260,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="samples per process (default 32)")
     parser.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
     parser.add_argument("--ghost", type=int, default=8, help="ghost batch size (default 8)")
-    parser.add_argument("--reps", type=int, default=10, help="timed rounds (default 10)")
+    parser.add_argument("--reps", type=int, default=10, help="timed rounds at least (default 10)")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="timed rounds per model for this long at least (default 20)")
     parser.add_argument("--nproc", type=int, default=2, help="gloo processes for sync (default 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the inductor variants")
     parser.add_argument("--skip-ghost", action="store_true", help="skip the ghost table")
