@@ -616,7 +616,8 @@ at::Tensor tensor_like(const at::Tensor& like, const std::vector<double>& values
 // A new contiguous tensor of ``sizes`` and ``options`` holding ``values``.
 at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef sizes, const at::TensorOptions& options) {
   auto t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-  TORCH_CHECK(t.numel() == int64_t(values.size()), "tensor_of: ", values.size(), " values for ", t.numel(), " elements");
+  TORCH_CHECK(t.numel() == int64_t(values.size()), "tensor_of: ", values.size(), " values for ", t.numel(),
+              " elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bnfx_tensor_like", [&] {
     scalar_t* p = t.mutable_data_ptr<scalar_t>();
     for (size_t i = 0; i < values.size(); ++i) p[i] = scalar_t(values[i]);

@@ -30,6 +30,8 @@ std::vector<at::Tensor> running_stats(const at::Tensor& running_mean, const at::
 
 // A new contiguous tensor of ``sizes`` and ``options`` (any floating dtype) holding ``values``.
 at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef sizes, const at::TensorOptions& options);
+// A new tensor of ``like``'s shape, dtype and device holding ``values``.
+at::Tensor tensor_like(const at::Tensor& like, const std::vector<double>& values);
 
 // ``scale`` times the values of a tensor of any floating type, as double.
 std::vector<double> scaled_values(const at::Tensor& t, double scale);

@@ -69,7 +69,7 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
                                   std::optional<double> momentum, double eps) {
   const int64_t chunk_size = checked_chunk_size(input, ghost_batch_size.expect_int(), running_mean, running_var,
                                                 momentum, num_batches_tracked);
-  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  const bnfx_cpu::MathInput x(input);
   // out, mean, invstd, unbiased var
   auto r = bnfx_cpu::forward(x.values(), weight, bias, chunk_size * x.rows_per_sample(), eps);
   Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
@@ -87,7 +87,7 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
 GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                           const Tensor& save_mean, const Tensor& save_invstd,
                                           c10::SymInt ghost_batch_size, double eps) {
-  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  const bnfx_cpu::MathInput x(input);
   const int64_t chunk_size = chunk_size_of(input.size(0), ghost_batch_size.expect_int());
   // grad_input, then per-chunk sum(dy) and sum(dy (x - mean)) [nchunks, C]
   auto r = bnfx_cpu::backward(x.read(grad_out), x.values(), weight, save_mean, save_invstd,

@@ -69,8 +69,8 @@ inline at::Tensor counter_plus(const at::Tensor& counter, int64_t n) {
 // then S rows. Other layouts are read through a contiguous copy.
 class MathInput {
  public:
-  MathInput(const at::Tensor& input, at::ScalarType type) : input_(input), type_(type) {
-    const at::Tensor t = as_type(input, type);
+  explicit MathInput(const at::Tensor& input) : input_(input), type_(math_type(input)) {
+    const at::Tensor t = as_type(input, type_);
     rows_ = input.dim() >= 3 && !t.is_contiguous() && t.movedim(1, -1).is_contiguous();
     values_ = rows_ ? as_rows(t) : t.contiguous();
     rows_per_sample_ = rows_ ? values_.size(0) / input.size(0) : 1;

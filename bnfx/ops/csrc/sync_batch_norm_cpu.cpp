@@ -106,14 +106,14 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
       next_mean[c] = total > 1 ? lerp(shift[c], mean[c], factor) : shift[c];
       next_var[c] = total > 1 ? lerp(old_var[c], var[c] * total / (total - 1), factor) : old_var[c];
     }
-    new_mean = bnfx_cpu::tensor_of(next_mean, running_mean->sizes(), running_mean->options());
-    new_var = bnfx_cpu::tensor_of(next_var, running_var->sizes(), running_var->options());
+    new_mean = bnfx_cpu::tensor_like(*running_mean, next_mean);
+    new_var = bnfx_cpu::tensor_like(*running_var, next_var);
   }
 
   const Tensor out = bnfx_cpu::normalize(input, mean, scale, affine_shift);
-  const auto stats = input.options().dtype(input.scalar_type());  // float32 or float64: the statistics dtype
-  return {out, new_mean, new_var, new_tracked, bnfx_cpu::tensor_of(mean, {channels}, stats),
-          bnfx_cpu::tensor_of(var, {channels}, stats), sums.slice(0, 0, 1)};
+  // the statistics in the math type, float32 or float64, as the default body saves them
+  return {out, new_mean, new_var, new_tracked, bnfx_cpu::tensor_of(mean, {channels}, input.options()),
+          bnfx_cpu::tensor_of(var, {channels}, input.options()), sums.slice(0, 0, 1)};
 }
 
 // The op's backward on CPU, as its default body computes it: one all-reduce of
@@ -156,7 +156,7 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
                                 c10::string_view group_name) {
   bnfx_cpu::check_args(input, running_mean, running_var, momentum, num_batches_tracked);
   const auto group = group_named(group_name);
-  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  const bnfx_cpu::MathInput x(input);
   auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = forward_in_cpp(
       group, x.values(), weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
   return {x.result(out), new_mean, new_var, new_tracked, save_mean, save_var, count};
@@ -165,7 +165,7 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
 GradOutputs sync_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                          const Tensor& save_mean, const Tensor& save_var, const Tensor& count,
                                          double eps, c10::string_view group_name) {
-  const bnfx_cpu::MathInput x(input, bnfx_cpu::math_type(input));
+  const bnfx_cpu::MathInput x(input);
   auto [grad_input, grad_weight, grad_bias] = backward_in_cpp(group_named(group_name), x.read(grad_out), x.values(),
                                                               weight, save_mean, save_var, count, eps);
   return bnfx_cpu::backward_outputs(x.result(grad_input), input, weight, grad_weight, grad_bias);
