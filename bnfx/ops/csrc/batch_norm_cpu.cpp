@@ -250,12 +250,16 @@ constexpr int64_t kChannelBlock = 256;
 
 int64_t channel_blocks(int64_t channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
 
-// at::parallel_for over tasks of about `values_per_task` values each, with torch's own grain
-// (at::internal::GRAIN_SIZE values): small layers run on the calling thread, since waking the
-// pool costs more than their whole kernel.
+// Values a thread takes at least: the grain torch's own kernels use (ATen's internal
+// GRAIN_SIZE, not part of its API, so stated here).
+constexpr int64_t kGrainValues = 32768;
+
+// at::parallel_for over tasks of about `values_per_task` values each, kGrainValues values per
+// thread at least: small layers run on the calling thread, since waking the pool costs more
+// than their whole kernel.
 template <typename F>
 void parallel_tasks(int64_t ntasks, int64_t values_per_task, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(values_per_task, 1));
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(values_per_task, 1));
   at::parallel_for(0, ntasks, grain, f);
 }
 
