@@ -116,6 +116,27 @@ def group_timeout(group: dist.ProcessGroup):
     return None
 
 
+# -- distributed: an all-reduce inductor compiles (dist.all_reduce mutates its argument and
+# takes a group object; the functional collectives, which Dynamo traces dist.all_reduce into,
+# take the group's name and return the result)
+
+_functional_ops = getattr(torch.ops, "_c10d_functional", None) if dist.is_available() else None
+has_functional_collectives = all(
+    hasattr(_functional_ops, name) for name in ("all_reduce", "wait_tensor")
+) if _functional_ops is not None else False
+if dist.is_available() and not has_functional_collectives:
+    _missing(
+        "torch.ops._c10d_functional.all_reduce / wait_tensor",
+        "under inductor bnfx's sync batch norm runs as one opaque op, not fused with the layers around it "
+        "(correct, slower)",
+    )
+
+
+def functional_all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of ``tensor`` over the group named ``group_name``, a new tensor."""
+    return _functional_ops.wait_tensor(_functional_ops.all_reduce(tensor, "sum", group_name))
+
+
 # -- C++: the CPU kernels (bnfx/ops/csrc) find a process group by name with
 # c10d::resolve_process_group (GroupRegistry.hpp, the registry the lookup above reads). They are
 # compiled against the installed torch: a torch without that header builds no C++ kernels, and a

@@ -16,6 +16,7 @@ from bnfx.ops import DECOMPOSITIONS, device_kernels
 from bnfx.ops.sync_batch_norm import sync_batch_norm, sync_batch_norm_backward
 
 KERNELS = ("cpu-extension", "default", "triton")
+KERNELS_AND_DECOMPOSITION = KERNELS + ("decomposition",)  # and what inductor compiles
 
 
 def _share(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ def ill_conditioned_errors(rank: int, world_size: int, shape, sizes) -> dict[str
     result = {"torch": errors(torch_out, torch_var)}
     x = _share(x_all, sizes, rank)
     group = dist.group.WORLD.group_name
-    for kernel in KERNELS:
+    for kernel in KERNELS_AND_DECOMPOSITION:
         out, _, new_var, *_ = _run(kernel, "forward", x, None, None, torch.zeros(channels), torch.zeros(channels),
                                    None, 1.0, 1e-5, group)
         start = sum(sizes[:rank])
@@ -194,7 +195,7 @@ def low_precision_errors(rank: int, world_size: int, dtype, sizes) -> dict[str, 
     }}
     x, dy = x_all[rows], dy_all[rows]
     group = dist.group.WORLD.group_name
-    for kernel in KERNELS:
+    for kernel in KERNELS_AND_DECOMPOSITION:
         zeros = torch.zeros(channels)
         out, _, running_var, _, *saved = _run(kernel, "forward", x, weight, bias, zeros, zeros.clone(), None, 1.0,
                                               1e-5, group)

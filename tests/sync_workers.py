@@ -287,15 +287,26 @@ def frozen(rank: int, world_size: int, door: str) -> dict[str, object]:
 
 
 def inductor_step(rank: int, world_size: int) -> None:
-    """One step through torch.compile's default inner compiler (inductor), ranks of 4 and 6 samples."""
+    """One step through torch.compile's default inner compiler (inductor), ranks of 4 and 6
+    samples: inductor compiles the sync op's decomposition, its all-reduces included."""
+    from torch._inductor.utils import run_and_get_code
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend="bnfx", options={"sync": True}, fullgraph=True)
     x_all = torch.randn(10, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(1))
     mine = _rank_slice([4, 6], rank)
-    out = compiled(x_all[mine])
-    out.square().sum().backward()
+
+    def step():
+        out = compiled(x_all[mine])
+        out.square().sum().backward()
+        return out
+
+    out, (forward_code, backward_code) = run_and_get_code(step)
+    for code in (forward_code, backward_code):
+        assert "torch.ops.bnfx" not in code, "inductor calls a bnfx op instead of its decomposition"
+        assert code.count("_c10d_functional.all_reduce") == 1, code
     out_ref = reference(x_all)
     out_ref.square().sum().backward()
     torch.testing.assert_close(out, out_ref[mine], **TOL)

@@ -1,5 +1,6 @@
 """The default inner compiler, inductor: it fuses the decomposed ghost ops (numbers stay
-Composer's) and calls the sync op, with its collectives, as an external kernel."""
+Composer's) and the decomposed sync ops, whose all-reduces it compiles as functional
+collectives."""
 
 import torch
 from torch import nn

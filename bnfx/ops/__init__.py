@@ -3,8 +3,12 @@ CPU kernels where they are built (``device_kernels.cpu_kernels``)."""
 
 from bnfx.ops import device_kernels
 from bnfx.ops import module_batch_norm as _module_batch_norm  # noqa: F401  (registers bnfx::module_batch_norm)
-from bnfx.ops import sync_batch_norm as _sync_batch_norm  # noqa: F401  (registers bnfx::sync_batch_norm)
-from bnfx.ops.ghost_batch_norm import DECOMPOSITIONS, ghost_chunk_count, ghost_chunk_layout
+from bnfx.ops import ghost_batch_norm as _ghost_batch_norm
+from bnfx.ops import sync_batch_norm as _sync_batch_norm  # (registers bnfx::sync_batch_norm)
+from bnfx.ops.ghost_batch_norm import ghost_chunk_count, ghost_chunk_layout
+
+# What inductor compiles in place of each op: primitives it fuses with the layers around.
+DECOMPOSITIONS = {**_ghost_batch_norm.DECOMPOSITIONS, **_sync_batch_norm.DECOMPOSITIONS}
 
 device_kernels.cpu_kernels()  # after the ops are defined: the library registers kernels for them
 

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
+from bnfx import torch_internals
 from bnfx.torch_internals import resolve_process_group
 
 
@@ -61,6 +62,10 @@ def _channel_view(per_channel: Tensor, input: Tensor) -> Tensor:
 class _LocalKernels:
     """A rank's local work, any device, layout and dtype: PyTorch ops (the default body's). A
     device's kernels override it and say which input they take (``takes``)."""
+
+    # whether the all-reduce also carries the raw sums, so that the group's mean is a function
+    # of the reduced values alone, not of the shift (the running mean)
+    mean_from_sums = False
 
     @staticmethod
     def takes(input: Tensor) -> bool:
@@ -112,6 +117,12 @@ class _LocalKernels:
         grad_input = grad_input.addcmul_(grad_out, _channel_view(a, input)).to(input.dtype)
         return contract.laid_out_like(grad_input, input)
 
+    @staticmethod
+    def all_reduce(sums: Tensor, group_name: str) -> Tensor:
+        """``sums`` summed over the group, in place."""
+        dist.all_reduce(sums, group=_group(group_name))
+        return sums
+
 
 class _TritonKernels(_LocalKernels):
     """CUDA, fp32/fp16/bf16 input: the Triton kernels, the batch as one chunk."""
@@ -147,7 +158,67 @@ class _TritonKernels(_LocalKernels):
         )
 
 
-def _global_moments(local, input: Tensor, shift: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+class _DecomposedKernels(_LocalKernels):
+    """Inductor's decomposition: the local work in primitives it fuses with the layers around
+    (the normalization with the next ReLU, the gradient sums with the previous layer's
+    backward), the all-reduces as functional collectives it schedules."""
+
+    # The saved mean must not depend on the running mean: inductor writes the new running mean
+    # into its buffer in the forward, and AOTAutograd's partitioner would save that buffer and
+    # recompute the mean from it in the backward, reading the new value (gradients off by the
+    # running-mean update). The mean from the reduced raw sums costs C more float64 values in
+    # the all-reduce; in float64 the raw sums keep the mean accurate far from zero.
+    mean_from_sums = True
+
+    @staticmethod
+    def moments(input):
+        dtype = contract.stat_dtype(input)
+        values = input.to(dtype)
+        # Reduce differences from each channel's first value, not raw values: far from zero
+        # (mean/std = 1e6) a float32 Welford mean would stop moving and the variance with it.
+        pivot = values[(0, slice(None)) + (0,) * (input.dim() - 2)]  # [C]
+        var, mean = torch.var_mean(values - _channel_view(pivot, input), _reduced_dims(input), correction=0)
+        count = input.numel() // input.shape[1]
+        return pivot.double() + mean.double(), var.double() * count
+
+    @staticmethod
+    def normalize(input, mean, var, weight, bias, eps):
+        dtype = contract.stat_dtype(input)
+        scale = torch.rsqrt(var + eps)
+        scale = scale if weight is None else scale * weight.double()
+        # the mean in two parts, its rounding to the statistics dtype and the rest: x minus the
+        # first is exact where x is near the mean, and the rest is small
+        estimate = mean.to(dtype)
+        rest = (mean - estimate.double()).to(dtype)
+        out = (input.to(dtype) - _channel_view(estimate, input) - _channel_view(rest, input)) \
+            * _channel_view(scale.to(dtype), input)
+        if bias is not None:
+            out = out + _channel_view(bias.to(dtype), input)
+        return out.to(input.dtype)
+
+    @staticmethod
+    def grad_sums(grad_out, input, save_mean, save_var, eps):
+        dtype = contract.stat_dtype(input)
+        dy = grad_out.to(dtype)
+        centered = input.to(dtype) - _channel_view(save_mean, input)
+        sum_dy = dy.sum(_reduced_dims(input))
+        sum_dy_xmu = (dy * centered).sum(_reduced_dims(input))
+        return sum_dy, sum_dy_xmu * torch.rsqrt(save_var + eps)
+
+    @staticmethod
+    def grad_input(grad_out, input, save_mean, a, k, c):
+        dtype = contract.stat_dtype(input)
+        centered = input.to(dtype) - _channel_view(save_mean, input)
+        grad_input = grad_out.to(dtype) * _channel_view(a.to(dtype), input) \
+            - centered * _channel_view(k.to(dtype), input) + _channel_view(c.to(dtype), input)
+        return grad_input.to(input.dtype)
+
+    @staticmethod
+    def all_reduce(sums, group_name):
+        return torch_internals.functional_all_reduce(sums, group_name)
+
+
+def _global_moments(local, input: Tensor, shift: Tensor, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, biased_var, count)`` over the group, float64; one all-reduce."""
     channels = input.shape[1]
     count = input.numel() // channels
@@ -156,12 +227,15 @@ def _global_moments(local, input: Tensor, shift: Tensor, group) -> tuple[Tensor,
     else:
         mean, m2 = local.moments(input)
     offset = mean - shift
-    sums = torch.cat([offset.new_full((1,), count), offset * count, m2 + offset * offset * count])
-    dist.all_reduce(sums, group=group)
+    parts = [offset.new_full((1,), count), offset * count, m2 + offset * offset * count]
+    if local.mean_from_sums:
+        parts.append(mean * count)
+    sums = local.all_reduce(torch.cat(parts), group_name)
     total = sums[:1]
     shifted_mean = sums[1 : 1 + channels] / total
-    var = (sums[1 + channels :] / total - shifted_mean * shifted_mean).clamp_(min=0)
-    return shift + shifted_mean, var, total
+    var = (sums[1 + channels : 1 + 2 * channels] / total - shifted_mean * shifted_mean).clamp(min=0)
+    mean = sums[1 + 2 * channels :] / total if local.mean_from_sums else shift + shifted_mean
+    return mean, var, total
 
 
 def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum):
@@ -194,7 +268,7 @@ def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, nu
         if running_mean is not None
         else input.new_zeros(channels, dtype=torch.float64)
     )
-    mean, var, total = _global_moments(local, input, shift, _group(group_name))
+    mean, var, total = _global_moments(local, input, shift, group_name)
     state = _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum)
     out = local.normalize(input, mean, var, weight, bias, eps)
     dtype = contract.stat_dtype(input)
@@ -241,8 +315,7 @@ def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_
         sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
     else:
         sum_dy, sum_dy_xhat = local.grad_sums(grad_out, input, save_mean, save_var, eps)
-    sums = torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
-    dist.all_reduce(sums, group=_group(group_name))
+    sums = local.all_reduce(torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype), group_name)
     # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
     # the group, written as dx = a dy - k (x - mean) + c with per-channel a, k, c.
     invstd = torch.rsqrt(save_var + eps)
@@ -283,6 +356,24 @@ def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
 
 
 contract.register_autograd(sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"))
+
+
+def sync_batch_norm_decomposition(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                  group_name):
+    return _sync_batch_norm(_DecomposedKernels, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps, group_name)
+
+
+def sync_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+    return _sync_batch_norm_backward(_DecomposedKernels, grad_out, input, weight, save_mean, save_var, count, eps,
+                                     group_name)
+
+
+# Without functional collectives (torch_internals says so) inductor calls the op as it is.
+DECOMPOSITIONS = {
+    torch.ops.bnfx.sync_batch_norm.default: sync_batch_norm_decomposition,
+    torch.ops.bnfx.sync_batch_norm_backward.default: sync_batch_norm_backward_decomposition,
+} if torch_internals.has_functional_collectives else {}
 
 if device_kernels.triton_launchers() is not None:
     device_kernels.register_local_kernels(

@@ -20,7 +20,7 @@ def kernel(request):
 
 
 @pytest.fixture(params=["fused-cpu", "views", "decomposition"])
-def ghost_kernel(request):
-    """``kernel``, and the ghost ops' decompositions too."""
+def kernel_or_decomposition(request):
+    """``kernel``, and the ops' inductor decompositions too."""
     with _KERNELS[request.param]():
         yield request.param

@@ -49,7 +49,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,g,momentum,affine,track", CASES)
-def test_matches_chunk_loop(shape, g, momentum, affine, track, ghost_kernel):
+def test_matches_chunk_loop(shape, g, momentum, affine, track, kernel_or_decomposition):
     torch.manual_seed(0)
     C = shape[1]
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
@@ -81,7 +81,7 @@ def test_matches_chunk_loop(shape, g, momentum, affine, track, ghost_kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_matches_chunk_loop(dtype, ghost_kernel):
+def test_low_precision_matches_chunk_loop(dtype, kernel_or_decomposition):
     torch.manual_seed(0)
     x = torch.randn(40, 8, 6, 6).to(dtype)
     weight, bias = torch.randn(8), torch.randn(8)
@@ -95,7 +95,7 @@ def test_low_precision_matches_chunk_loop(dtype, ghost_kernel):
     torch.testing.assert_close(new_var, ref_var, atol=1e-3, rtol=1e-3)
 
 
-def test_channels_last_keeps_layout_and_values(ghost_kernel):
+def test_channels_last_keeps_layout_and_values(kernel_or_decomposition):
     x = torch.randn(48, 8, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     out = op(x, w, b, None, None, None, 16, 0.1, 1e-5)[0]

@@ -32,7 +32,7 @@ def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
     assert errors["running_var"] <= torch_errors["running_var"] + 2 * ULP, (errors, torch_errors)
 
 
-@pytest.mark.parametrize("kernel", kernel_workers.KERNELS + ("decomposition",))
+@pytest.mark.parametrize("kernel", kernel_workers.KERNELS_AND_DECOMPOSITION)
 @pytest.mark.parametrize(
     "shape,g,memory_format",
     [
@@ -76,5 +76,5 @@ def test_ghost(kernel, shape, g, memory_format):
 @pytest.mark.parametrize("shape,sizes", [((4, 5, 5), (13, 19)), ((64,), (100, 156))])
 def test_sync_on_two_ranks(shape, sizes):
     for result in run_world(kernel_workers.ill_conditioned_errors, 2, shape, list(sizes)):
-        for kernel in kernel_workers.KERNELS:
+        for kernel in kernel_workers.KERNELS_AND_DECOMPOSITION:
             assert_no_worse_than_torch(result[kernel], result["torch"])

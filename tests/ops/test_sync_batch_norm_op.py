@@ -31,7 +31,7 @@ SHAPES = [(6, 4), (5, 3, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
     [(s, d, False, m) for s, d, m in itertools.product(SHAPES, [torch.float32, torch.float64], [0.1, None])]
     + [((4, 3, 5, 6), torch.float32, True, 0.1), ((4, 3, 5, 6), torch.bfloat16, False, 0.1)],
 )
-def test_one_rank_equals_torch_batch_norm(group_name, kernel, shape, dtype, channels_last, momentum):
+def test_one_rank_equals_torch_batch_norm(group_name, kernel_or_decomposition, shape, dtype, channels_last, momentum):
     torch.manual_seed(0)
     channels = shape[1]
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
@@ -67,7 +67,7 @@ def test_one_rank_equals_torch_batch_norm(group_name, kernel, shape, dtype, chan
         assert torch.equal(before, after)  # a functional op: the new state is returned
 
 
-def test_no_affine_no_running_stats(group_name, kernel):
+def test_no_affine_no_running_stats(group_name, kernel_or_decomposition):
     x = torch.randn(5, 3, 4, requires_grad=True)
     out, new_mean, new_var, new_tracked, *_ = op(x, None, None, None, None, None, 0.1, 1e-5, group_name)
     x_ref = x.detach().clone().requires_grad_()
@@ -79,7 +79,7 @@ def test_no_affine_no_running_stats(group_name, kernel):
     assert new_mean.numel() == new_var.numel() == new_tracked.numel() == 0
 
 
-def test_empty_group_batch_keeps_running_stats(group_name, kernel):
+def test_empty_group_batch_keeps_running_stats(group_name, kernel_or_decomposition):
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     mean, var = torch.randn(3), torch.rand(3)
     out, new_mean, new_var, new_tracked, *_ = op(x, torch.ones(3), None, mean, var, torch.tensor(0), 0.1, 1e-5, group_name)
