@@ -63,13 +63,24 @@ def test_a_torch_outside_the_range_warns_once_at_import(version, warns):
          """, "has no torch.export.ExportedProgram(root=, graph=", "bnfx.convert(model, ...) before torch.export"),
         ("import torch.library; del torch.library.Library._destroy",
          "has no torch.library.Library._destroy", "the ops themselves are unaffected"),
+        ("import torch, types; torch.ops._c10d_functional = types.SimpleNamespace()",
+         "has no torch.ops._c10d_functional.all_reduce", "sync batch norm runs as one opaque op"),
     ],
-    ids=["graph-task-id", "tracer-class", "resolve-process-group", "exported-program", "library-destroy"],
+    ids=["graph-task-id", "tracer-class", "resolve-process-group", "exported-program", "library-destroy",
+         "functional-collectives"],
 )
 def test_a_missing_internal_is_one_warning_with_the_door_that_works(setup, message, door):
     stderr = _import_bnfx_after(setup)
     [line] = [line for line in stderr.splitlines() if "bnfx: this torch" in line]
     assert message in line and door in line
+
+
+def test_without_functional_collectives_inductor_keeps_the_sync_op_whole():
+    stderr = _import_bnfx_after(
+        "import torch, types; torch.ops._c10d_functional = types.SimpleNamespace()",
+        "from bnfx.ops import DECOMPOSITIONS; print(sorted(str(op) for op in DECOMPOSITIONS), file=__import__('sys').stderr)",
+    )
+    assert "bnfx.ghost_batch_norm.default" in stderr and "bnfx.sync_batch_norm" not in stderr, stderr
 
 
 def test_missing_dynamo_internals_are_one_warning_at_the_backends_first_use():

@@ -32,6 +32,10 @@ The op's layers, in dispatch order:
 - the default body, any other device, layout and dtype: PyTorch's local work
   (``_LocalKernels``); it normalizes with torch's own fused eval-mode kernels fed the global
   statistics.
+
+Inductor gets decompositions instead (``DECOMPOSITIONS``, ``_DecomposedKernels``): this body
+in primitives, which it fuses with the layers around, the all-reduces as functional
+collectives.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
-from bnfx import torch_internals
 from bnfx.torch_internals import resolve_process_group
 
 
