@@ -11,8 +11,9 @@ mobilenet_v3_small (10 classes) on [batch, 3, size, size] images, and an MLP
    ghost_batch_size=G)``), and plain compiled (inductor) against ghost compiled
    (``bnfx.backend(ghost_batch_size=G, inner="inductor")``). Every variant trains on the same
    batch; after 2 warm-up steps each (compiles happen there) every round runs each variant
-   once, back to back: --reps rounds, or more where rounds are short (--seconds of them). Prints each variant's median step and the median over rounds of each
-   round's ghost/plain ratio, eager and compiled (slow phases of the machine cancel).
+   once, back to back: --reps rounds, or more where rounds are short (--seconds of them).
+   Prints each variant's median step and the median over rounds of each round's ghost/plain
+   ratio, eager and compiled (slow phases of the machine cancel).
 2. Sync, spawned gloo processes, one thread each (each pinned to its own core where there are
    enough), every variant under DDP: local batch norm; the floor, local batch norm plus the
    collectives sync batch norm needs (sync_bn.with_sync_points); ``bnfx.convert(model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -92,24 +94,15 @@ def _updating_state(op, input, weight, bias, running_mean, running_var, num_batc
     # records nothing, and no_grad (several us a call, as much as a small layer's kernel) is
     # needed only for state that does. Export must not see one: it would turn the block into a
     # higher-order op its verifier refuses to save.
-    if _takes_gradient(running_mean, running_var) and not torch.compiler.is_exporting():
-        with torch.no_grad():
-            _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked)
-    else:
-        _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked)
+    takes_gradient = running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
+    no_grad = torch.no_grad() if takes_gradient and not torch.compiler.is_exporting() else contextlib.nullcontext()
+    with no_grad:
+        if running_mean is not None:
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.copy_(new_tracked)
     return out
-
-
-def _takes_gradient(running_mean, running_var) -> bool:
-    return running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
-
-
-def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var, new_tracked) -> None:
-    if running_mean is not None:
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-    if num_batches_tracked is not None:
-        num_batches_tracked.copy_(new_tracked)
 
 
 def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size: int) -> Tensor:

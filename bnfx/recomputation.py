@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from bnfx.torch_internals import in_backward
 
+
 class _Depth(threading.local):
     value = 0  # nested recomputations on this thread (a class default: read on every batch-norm call)
 

@@ -4,6 +4,7 @@ import pytest
 
 from bnfx.ops import device_kernels
 from kernel_workers import Decomposed
+from world_of_one import world_of_one
 
 _KERNELS = {
     "fused-cpu": contextlib.nullcontext,  # the C++ CPU kernels, as registered
@@ -24,3 +25,10 @@ def kernel_or_decomposition(request):
     """``kernel``, and the ops' inductor decompositions too."""
     with _KERNELS[request.param]():
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def group_name():
+    """The name of a gloo group of this one process, for the sync op's tests (one per module)."""
+    with world_of_one() as group:
+        yield group.group_name

@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bnfx  # noqa: F401
 from bnfx.ops import device_kernels
 from bnfx.ops import ghost_batch_norm, sync_batch_norm
-from world_of_one import world_of_one
 
 op = torch.ops.bnfx.ghost_batch_norm
 sync_op = torch.ops.bnfx.sync_batch_norm
@@ -176,12 +175,6 @@ def test_cpu_calls_run_no_python_kernel(group, request, monkeypatch):
     with device_kernels.default_bodies("cpu"):
         run(x, None, None, (None, None, None), 4, 0.1, grad, group_name)
     assert len(called) == 2
-
-
-@pytest.fixture(scope="module")
-def group_name():
-    with world_of_one() as group:
-        yield group.group_name
 
 
 @pytest.mark.parametrize(

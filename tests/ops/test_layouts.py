@@ -7,16 +7,9 @@ import pytest
 import torch
 
 import bnfx  # noqa: F401
-from world_of_one import world_of_one
 
 ghost_op = torch.ops.bnfx.ghost_batch_norm
 sync_op = torch.ops.bnfx.sync_batch_norm
-
-
-@pytest.fixture(scope="module")
-def group_name():
-    with world_of_one() as group:
-        yield group.group_name
 
 
 def layouts():

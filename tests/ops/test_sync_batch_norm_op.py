@@ -12,15 +12,8 @@ from torch import nn
 from torch.library import opcheck
 
 import bnfx  # noqa: F401
-from world_of_one import world_of_one
 
 op = torch.ops.bnfx.sync_batch_norm
-
-
-@pytest.fixture(scope="module")
-def group_name():
-    with world_of_one() as group:
-        yield group.group_name
 
 
 SHAPES = [(6, 4), (5, 3, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
