@@ -43,14 +43,87 @@ def stat_dtype(input: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, torch.float32)
 
 
-def check_args(input: Tensor, running_mean, running_var, momentum, num_batches_tracked) -> None:
-    """The checks every bnfx batch-norm op makes (its C++ CPU kernels too, ``csrc/op_support_cpu.h``)."""
+# The dtypes batch norm computes in; float16/bfloat16 input may also take float32 parameters.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps) -> bool:
+    """The checks every bnfx batch-norm op makes before any kernel runs, in torch's order and
+    with torch's exception types (``F.batch_norm`` in training, then ``torch.batch_norm``); the
+    C++ CPU kernels make the same (``csrc/op_support_cpu.h``). Returns whether ``input`` is
+    empty: like torch, an empty input is checked no further and gives an empty output."""
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps:g}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
+    if input.numel() == 0:
+        return True
+    channels = input.shape[1]
+    parameters = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    given = {name: t for name, t in parameters.items() if t is not None}
+    for name, t in given.items():
+        torch._check_with(
+            RuntimeError, t.numel() == channels, lambda: f"{name} should contain {channels} elements not {t.numel()}"
+        )
+    if input.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for {input.dtype}: input must be float16, bfloat16, float32 or float64'
+        )
+    dtypes = {t.dtype for t in given.values()}
+    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
+    if len(dtypes) > 1 or not dtypes <= set(allowed):
+        described = ", ".join(f"{name} {t.dtype}" for name, t in given.items())
+        raise RuntimeError(
+            f"mixed dtype: input is {input.dtype} and {described}; weight, bias, running_mean and running_var "
+            f"must all have the input's dtype{' or all float32' if input.dtype in _REDUCED else ''}, as torch's "
+            f"batch norm requires"
+        )
+    return False
+
+
+def check_backward_args(grad_out: Tensor, input: Tensor, weight, saved: dict[str, tuple[Tensor, tuple]]) -> None:
+    """A backward op's tensors against its input (a direct call could pass any): ``saved`` maps
+    each saved statistic's name to ``(tensor, the shape it must have)``. Same messages as the
+    C++ kernels' (``csrc/op_support_cpu.h``)."""
+    if input.dim() < 2:
+        raise RuntimeError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    torch._check(
+        grad_out.shape == input.shape,
+        lambda: f"grad_out should have the input's shape {tuple(input.shape)}, got {tuple(grad_out.shape)}",
+    )
+    if weight is not None:
+        torch._check(
+            weight.numel() == input.shape[1],
+            lambda: f"weight should contain {input.shape[1]} elements not {weight.numel()}",
+        )
+    for name, (t, shape) in saved.items():
+        torch._check(tuple(t.shape) == tuple(shape), lambda: f"{name} should have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def empty_outputs(input: Tensor, running_mean, running_var, num_batches_tracked, batches, saved, empty_dtype=None):
+    """What a bnfx forward op returns for an empty input (no samples, or no values per channel),
+    as torch's batch norm gives it: an empty output, the running statistics as they were, the
+    counter moved by ``batches`` (torch counts an empty batch); ``saved``: the saved outputs.
+    Absent state is empty, of ``empty_dtype`` (else the input's), as ``fake_state`` says."""
+
+    def unchanged(state):
+        return input.new_empty(0, dtype=empty_dtype) if state is None else state.clone()
+
+    tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + batches
+    return (torch.empty_like(input), unchanged(running_mean), unchanged(running_var), tracked, *saved)
+
+
+def empty_input_grads(input: Tensor, weight):
+    """A backward op's outputs for an empty input: an empty input gradient, zero weight and
+    bias gradients (empty where there is no weight)."""
+    if weight is None:
+        return torch.empty_like(input), input.new_empty(0), input.new_empty(0)
+    return torch.empty_like(input), torch.zeros_like(weight), torch.zeros_like(weight)
 
 
 def fake_state(input: Tensor, running_mean, running_var, num_batches_tracked, empty_dtype=None) -> tuple:

@@ -51,25 +51,44 @@ def ghost_chunk_count(batch: int, ghost_batch_size: int) -> int:
     return (batch + ghost_batch_size - 1) // ghost_batch_size
 
 
-def _check_args(input: Tensor, ghost_batch_size: int, running_mean, running_var, momentum, num_batches_tracked):
+def _check_args(input: Tensor, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size: int,
+                momentum, eps) -> bool:
+    """The op's checks (``batch_norm_contract.check_args`` and the ghost batch's size); returns
+    whether ``input`` is empty."""
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
-    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
-    batch = input.shape[0]
-    torch._check_value(batch != 0, lambda: "input must have a non-empty batch dimension, got batch size 0")
-    # The last chunk is the smallest. Under dynamic shapes this is one condition on the
-    # symbolic batch size (true across the range), not a branch on B % chunk_size.
-    chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
-    last = batch - (ghost_chunk_count(batch, ghost_batch_size) - 1) * chunk_size
-    torch._check_value(
-        last * math.prod(input.shape[2:]) != 1,
-        lambda: (
-            f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
-            f"ghost batch of 1 sample of shape {tuple(torch_internals.size_hint(n) for n in input.shape[1:])} "
-            f"(batch size {torch_internals.size_hint(batch)}, ghost_batch_size={ghost_batch_size}, split as "
-            f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
-            f"ghost_batch_size whose last ghost batch has 2 samples or more"
-        ),
+    batch = input.shape[0] if input.dim() else 0
+    if input.dim() >= 2 and batch != 0:
+        # torch's first check in training: more than one value per channel, here per ghost batch.
+        # The last chunk is the smallest. Under dynamic shapes this is one condition on the
+        # symbolic batch size (true across the range), not a branch on B % chunk_size.
+        nchunks = ghost_chunk_count(batch, ghost_batch_size)
+        chunk_size = ghost_chunk_layout(batch, ghost_batch_size)[0]
+        last = batch - (nchunks - 1) * chunk_size
+        torch._check_value(last * math.prod(input.shape[2:]) != 1, lambda: _one_value_message(input, ghost_batch_size))
+    return contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
+
+
+def _one_value_message(input: Tensor, ghost_batch_size: int) -> str:
+    batch = torch_internals.size_hint(input.shape[0])
+    if ghost_chunk_count(batch, ghost_batch_size) == 1:  # the whole batch: torch's words
+        return f"Expected more than 1 value per channel when training, got input size {input.size()}"
+    return (
+        f"ghost batch norm needs more than 1 value per channel in every ghost batch, got a "
+        f"ghost batch of 1 sample of shape {tuple(torch_internals.size_hint(n) for n in input.shape[1:])} "
+        f"(batch size {batch}, ghost_batch_size={ghost_batch_size}, split as "
+        f"input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
+        f"ghost_batch_size whose last ghost batch has 2 samples or more"
+    )
+
+
+def _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size):
+    """The op's outputs for an empty input: each chunk counts as torch counts an empty batch
+    (an empty batch is one chunk); saved statistics of the fake kernel's shape."""
+    nchunks = ghost_chunk_count(input.shape[0], ghost_batch_size)
+    stats = input.new_zeros((nchunks, input.shape[1]), dtype=contract.stat_dtype(input))
+    return contract.empty_outputs(
+        input, running_mean, running_var, num_batches_tracked, torch.sym_max(nchunks, 1), (stats, stats.clone())
     )
 
 
@@ -270,7 +289,8 @@ class _TritonKernels(_LocalKernels):
 def _ghost_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size,
                       momentum, eps):
     """The op's body around a device's local work (``kernels``: ``_LocalKernels`` or a subclass)."""
-    _check_args(input, ghost_batch_size, running_mean, running_var, momentum, num_batches_tracked)
+    if _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
+        return _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size)
     local = device_kernels.local_kernels(kernels, input)
     out, save_mean, save_invstd, unbiased = local.forward(input, weight, bias, ghost_batch_size, eps)
     state = _new_state(input, running_mean, running_var, num_batches_tracked, save_mean, unbiased, momentum)
@@ -305,14 +325,24 @@ ghost_batch_norm = device_kernels.custom_op("ghost_batch_norm", _default_forward
 
 @ghost_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
-    _check_args(input, ghost_batch_size, running_mean, running_var, momentum, num_batches_tracked)
+    _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps)
     nchunks = ghost_chunk_count(input.shape[0], ghost_batch_size)
     stats = input.new_empty((nchunks, input.shape[1]), dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats))
 
 
+def _check_backward_args(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size) -> None:
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
+    shape = (ghost_chunk_count(input.shape[0], ghost_batch_size), input.shape[1]) if input.dim() >= 2 else ()
+    contract.check_backward_args(grad_out, input, weight, {"save_mean": (save_mean, shape), "save_invstd": (save_invstd, shape)})
+
+
 def _ghost_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    _check_backward_args(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+    if input.numel() == 0:
+        return contract.empty_input_grads(input, weight)
     local = device_kernels.local_kernels(kernels, input)
     grad_input, sum_dy, sum_dy_xmu = local.backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
     return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
@@ -341,6 +371,7 @@ ghost_batch_norm_backward = device_kernels.custom_op("ghost_batch_norm_backward"
 
 @ghost_batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    _check_backward_args(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
     return contract.fake_input_grads(input, weight)
 
 
@@ -400,6 +431,8 @@ def _chunk_sizes(input: Tensor, layout: tuple[int, int], dtype: torch.dtype) -> 
 def ghost_batch_norm_decomposition(
     input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
 ):
+    if _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
+        return _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size)
     dtype = contract.stat_dtype(input)
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     values = input.to(dtype)
@@ -432,6 +465,8 @@ def ghost_batch_norm_decomposition(
 
 
 def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    if input.numel() == 0:
+        return contract.empty_input_grads(input, weight)
     dtype = contract.stat_dtype(input)
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     dy = grad_out.to(dtype)

@@ -264,7 +264,8 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
 
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
-    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
+    # An empty input is checked no further (as torch) and still joins the group's all-reduce.
+    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
     local = device_kernels.local_kernels(kernels, input)
     channels = input.shape[1]
     shift = (
@@ -307,13 +308,20 @@ sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
 
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
-    contract.check_args(input, running_mean, running_var, momentum, num_batches_tracked)
+    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
 
 
+def _check_backward_args(grad_out, input, weight, save_mean, save_var, count) -> None:
+    channels = (input.shape[1],) if input.dim() >= 2 else ()
+    saved = {"save_mean": (save_mean, channels), "save_var": (save_var, channels), "count": (count, (1,))}
+    contract.check_backward_args(grad_out, input, weight, saved)
+
+
 def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+    _check_backward_args(grad_out, input, weight, save_mean, save_var, count)
     local = device_kernels.local_kernels(kernels, input)
     if input.numel() == 0:  # torch's kernel divides by the batch size
         sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
@@ -356,6 +364,7 @@ sync_batch_norm_backward = device_kernels.custom_op("sync_batch_norm_backward", 
 
 @sync_batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+    _check_backward_args(grad_out, input, weight, save_mean, save_var, count)
     return contract.fake_input_grads(input, weight)
 
 

@@ -139,8 +139,9 @@ def test_default_bodies_turn_the_cpp_kernels_off():
     "args, message",
     [
         (dict(g=0), "ghost_batch_size must be a positive int, got 0"),
-        (dict(x=torch.randn(0, 3)), "non-empty batch"),
+        (dict(eps=0.0), "batch_norm eps must be positive during training, but got 0"),
         (dict(x=torch.randn(5, 3), g=2), "ghost batch of 1 sample"),
+        (dict(x=torch.randn(1, 3), g=2), "Expected more than 1 value per channel when training"),
         (dict(momentum=None, tracked=None), "momentum=None (cumulative average) needs num_batches_tracked"),
     ],
 )
@@ -148,7 +149,7 @@ def test_refused_calls_raise_the_ops_errors(args, message):
     x = args.get("x", torch.randn(8, 3))
     state = (torch.zeros(3), torch.ones(3), args.get("tracked", torch.tensor(0)))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        op(x.requires_grad_(), None, None, *state, args.get("g", 4), args.get("momentum", 0.1), 1e-5)
+        op(x.requires_grad_(), None, None, *state, args.get("g", 4), args.get("momentum", 0.1), args.get("eps", 1e-5))
 
 
 def test_only_state_outputs_used_gives_no_gradient():

@@ -41,8 +41,14 @@ struct Layout {
   double count(int64_t chunk) const { return double(end(chunk) - begin(chunk)) * spatial; }
 };
 
+void check_per_channel(const char* name, const c10::optional<at::Tensor>& t, int64_t channels) {
+  TORCH_CHECK(!t.has_value() || t->numel() == channels, name, " should contain ", channels, " elements not ",
+              t.has_value() ? t->numel() : 0);
+}
+
 Layout layout_of(const at::Tensor& input, int64_t chunk_size) {
   TORCH_CHECK(input.dim() >= 2 && input.is_contiguous(), "input must be contiguous [B, C, ...]");
+  TORCH_CHECK(chunk_size >= 1 || input.numel() == 0, "chunk_size must be positive, got ", chunk_size);
   const int64_t batch = input.size(0);
   return {batch, input.size(1), input.numel() / std::max<int64_t>(batch * input.size(1), 1), chunk_size,
           (batch + chunk_size - 1) / chunk_size};
@@ -559,6 +565,9 @@ at::Tensor normalize(const at::Tensor& input, const std::vector<double>& mean, c
 std::vector<at::Tensor> forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t chunk_size, double eps) {
   const Layout l = layout_of(input, chunk_size);
+  // the op checked these (op_support_cpu.h); checked again before any pointer arithmetic
+  check_per_channel("weight", weight, l.channels);
+  check_per_channel("bias", bias, l.channels);
   auto out = at::empty_like(input);
   at::Tensor mean, invstd, var;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bnfx_ghost_forward", [&] {
@@ -582,6 +591,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& i
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                  const at::Tensor& invstd, int64_t chunk_size) {
   const Layout l = layout_of(input, chunk_size);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out must have the input's shape");
+  TORCH_CHECK(mean.numel() == l.nchunks * l.channels && invstd.numel() == l.nchunks * l.channels,
+              "saved statistics must have one value per chunk and channel (", l.nchunks, " x ", l.channels, ")");
+  check_per_channel("weight", weight, l.channels);
   auto dy = grad_out.contiguous();
   auto dx = at::empty_like(input);
   at::Tensor sum_dy, sum_dy_xmu;

@@ -18,6 +18,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <sstream>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -41,34 +44,58 @@ int64_t chunk_size_of(int64_t batch, int64_t ghost_batch_size) {
   return (batch + nchunks - 1) / nchunks;
 }
 
-// ghost_batch_norm.py's _check_args, with its messages; returns the chunk size.
-int64_t checked_chunk_size(const Tensor& input, int64_t ghost_batch_size, const OptionalTensor& running_mean,
-                           const OptionalTensor& running_var, std::optional<double> momentum,
-                           const OptionalTensor& num_batches_tracked) {
+int64_t chunk_count_of(int64_t batch, int64_t ghost_batch_size) { return (batch + ghost_batch_size - 1) / ghost_batch_size; }
+
+// A size as torch.Size prints it: "torch.Size([1, 3])".
+std::string torch_size(at::IntArrayRef sizes) {
+  std::ostringstream text;
+  text << "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) text << (i ? ", " : "") << sizes[i];
+  text << "])";
+  return text.str();
+}
+
+// ghost_batch_norm.py's _check_args, with its messages; returns whether the input is empty.
+bool check_ghost_args(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                      const OptionalTensor& num_batches_tracked, int64_t ghost_batch_size,
+                      std::optional<double> momentum, double eps) {
   TORCH_CHECK_VALUE(ghost_batch_size >= 1, "ghost_batch_size must be a positive int, got ", ghost_batch_size);
-  bnfx_cpu::check_args(input, running_mean, running_var, momentum, num_batches_tracked);
-  const int64_t batch = input.size(0);
-  TORCH_CHECK_VALUE(batch != 0, "input must have a non-empty batch dimension, got batch size 0");
-  const int64_t chunk_size = chunk_size_of(batch, ghost_batch_size);
-  const int64_t nchunks = (batch + ghost_batch_size - 1) / ghost_batch_size;
-  int64_t per_sample = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) per_sample *= input.size(d);
-  TORCH_CHECK_VALUE((batch - (nchunks - 1) * chunk_size) * per_sample != 1,
-                    "ghost batch norm needs more than 1 value per channel in every ghost batch, got a ghost batch of "
-                    "1 sample of shape ",
-                    bnfx_cpu::python_tuple(input.sizes().slice(1)), " (batch size ", batch,
-                    ", ghost_batch_size=", ghost_batch_size,
-                    ", split as input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
-                    "ghost_batch_size whose last ghost batch has 2 samples or more");
-  return chunk_size;
+  const int64_t batch = input.dim() ? input.size(0) : 0;
+  if (input.dim() >= 2 && batch != 0) {
+    const int64_t chunk_size = chunk_size_of(batch, ghost_batch_size), nchunks = chunk_count_of(batch, ghost_batch_size);
+    int64_t per_sample = 1;
+    for (int64_t d = 2; d < input.dim(); ++d) per_sample *= input.size(d);
+    if ((batch - (nchunks - 1) * chunk_size) * per_sample == 1) {
+      TORCH_CHECK_VALUE(nchunks != 1, "Expected more than 1 value per channel when training, got input size ",
+                        torch_size(input.sizes()));
+      TORCH_CHECK_VALUE(false,
+                        "ghost batch norm needs more than 1 value per channel in every ghost batch, got a ghost batch "
+                        "of 1 sample of shape ",
+                        bnfx_cpu::python_tuple(input.sizes().slice(1)), " (batch size ", batch,
+                        ", ghost_batch_size=", ghost_batch_size,
+                        ", split as input.chunk(ceil(batch / ghost_batch_size)) splits it); choose a batch size or "
+                        "ghost_batch_size whose last ghost batch has 2 samples or more");
+    }
+  }
+  return bnfx_cpu::check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps);
 }
 
 GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                   const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                   const OptionalTensor& num_batches_tracked, c10::SymInt ghost_batch_size,
                                   std::optional<double> momentum, double eps) {
-  const int64_t chunk_size = checked_chunk_size(input, ghost_batch_size.expect_int(), running_mean, running_var,
-                                                momentum, num_batches_tracked);
+  const int64_t g = ghost_batch_size.expect_int();
+  if (check_ghost_args(input, weight, bias, running_mean, running_var, num_batches_tracked, g, momentum, eps)) {
+    // torch's batch norm of an empty input; an empty batch counts as one chunk
+    const int64_t nchunks = chunk_count_of(input.size(0), g);
+    auto stats = at::zeros({nchunks, input.size(1)}, input.options().dtype(bnfx_cpu::math_type(input)));
+    auto [out, new_mean, new_var, new_tracked] =
+        bnfx_cpu::empty_outputs(input, running_mean, running_var, num_batches_tracked,
+                                std::max<int64_t>(nchunks, 1), input.scalar_type());
+    return {out, new_mean, new_var, new_tracked, stats, stats.clone()};
+  }
+  const int64_t chunk_size = chunk_size_of(input.size(0), g);
   const bnfx_cpu::MathInput x(input);
   // out, mean, invstd, unbiased var
   auto r = bnfx_cpu::forward(x.values(), weight, bias, chunk_size * x.rows_per_sample(), eps);
@@ -87,8 +114,15 @@ GhostOutputs ghost_batch_norm_cpu(const Tensor& input, const OptionalTensor& wei
 GradOutputs ghost_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                           const Tensor& save_mean, const Tensor& save_invstd,
                                           c10::SymInt ghost_batch_size, double eps) {
+  const int64_t g = ghost_batch_size.expect_int();
+  TORCH_CHECK_VALUE(g >= 1, "ghost_batch_size must be a positive int, got ", g);
+  const std::vector<int64_t> stats_shape{input.dim() >= 2 ? chunk_count_of(input.size(0), g) : 0,
+                                         input.dim() >= 2 ? input.size(1) : 0};
+  bnfx_cpu::check_backward_args(grad_out, input, weight,
+                                {{"save_mean", {save_mean, stats_shape}}, {"save_invstd", {save_invstd, stats_shape}}});
+  if (input.numel() == 0) return bnfx_cpu::empty_input_grads(input, weight);
   const bnfx_cpu::MathInput x(input);
-  const int64_t chunk_size = chunk_size_of(input.size(0), ghost_batch_size.expect_int());
+  const int64_t chunk_size = chunk_size_of(input.size(0), g);
   // grad_input, then per-chunk sum(dy) and sum(dy (x - mean)) [nchunks, C]
   auto r = bnfx_cpu::backward(x.read(grad_out), x.values(), weight, save_mean, save_invstd,
                               chunk_size * x.rows_per_sample());

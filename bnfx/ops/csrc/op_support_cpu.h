@@ -11,9 +11,13 @@
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 
+#include <cstdio>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace bnfx_cpu {
@@ -31,16 +35,113 @@ inline std::string python_tuple(at::IntArrayRef sizes) {
   return text.str();
 }
 
-// batch_norm_contract.check_args: the checks every bnfx batch-norm op makes, same messages.
-inline void check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+// A dtype as Python writes it: "torch.float32", "torch.int64".
+inline std::string python_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(type);
+  }
+}
+
+// A float as Python's format(value, "g") writes it.
+inline std::string python_g(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%g", value);
+  return text;
+}
+
+// batch_norm_contract.check_args: the checks every bnfx batch-norm op makes before any kernel
+// runs, in torch's order, with its exception types and the same messages. Returns whether the
+// input is empty (then, as torch, checked no further).
+inline bool check_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                        const std::optional<at::Tensor>& running_var, std::optional<double> momentum,
-                       const std::optional<at::Tensor>& num_batches_tracked) {
+                       const std::optional<at::Tensor>& num_batches_tracked, double eps) {
   TORCH_CHECK_VALUE(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got shape ",
                     python_tuple(input.sizes()));
+  TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", python_g(eps));
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean and running_var must both be given or both be None");
   TORCH_CHECK_VALUE(!(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value()),
                     "momentum=None (cumulative average) needs num_batches_tracked, got None");
+  if (input.numel() == 0) return true;
+  const int64_t channels = input.size(1);
+  const std::pair<const char*, const std::optional<at::Tensor>*> parameters[] = {
+      {"running_mean", &running_mean}, {"running_var", &running_var}, {"weight", &weight}, {"bias", &bias}};
+  for (const auto& [name, t] : parameters) {
+    TORCH_CHECK(!t->has_value() || (*t)->numel() == channels, name, " should contain ", channels, " elements not ",
+                (*t)->numel());
+  }
+  const auto type = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(type) && at::elementSize(type) >= 2,
+                              "\"batch_norm\" not implemented for ", python_dtype(type),
+                              ": input must be float16, bfloat16, float32 or float64");
+  const bool reduced = type == at::kHalf || type == at::kBFloat16;
+  std::optional<at::ScalarType> common;
+  bool mixed = false;
+  std::string described;
+  for (const auto& [name, t] : parameters) {
+    if (!t->has_value()) continue;
+    const auto p = (*t)->scalar_type();
+    described += std::string(described.empty() ? "" : ", ") + name + " " + python_dtype(p);
+    mixed = mixed || (common.has_value() && *common != p) || !(p == type || (reduced && p == at::kFloat));
+    common = p;
+  }
+  TORCH_CHECK(!mixed, "mixed dtype: input is ", python_dtype(type), " and ", described,
+              "; weight, bias, running_mean and running_var must all have the input's dtype",
+              reduced ? " or all float32" : "", ", as torch's batch norm requires");
+  return false;
+}
+
+// batch_norm_contract.check_backward_args: a backward op's tensors against its input, same
+// messages; ``saved`` pairs each saved statistic's name with the shape it must have.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                const std::optional<at::Tensor>& weight,
+                                std::initializer_list<std::pair<const char*, std::pair<at::Tensor, std::vector<int64_t>>>> saved) {
+  TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got shape ",
+              python_tuple(input.sizes()));
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ", python_tuple(input.sizes()),
+              ", got ", python_tuple(grad_out.sizes()));
+  TORCH_CHECK(!weight.has_value() || weight->numel() == input.size(1), "weight should contain ", input.size(1),
+              " elements not ", weight.has_value() ? weight->numel() : 0);
+  for (const auto& [name, tensor_and_shape] : saved) {
+    const auto& [t, shape] = tensor_and_shape;
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " should have shape ", python_tuple(shape), ", got ",
+                python_tuple(t.sizes()));
+  }
+}
+
+// batch_norm_contract.empty_outputs: (out, new_running_mean, new_running_var,
+// new_num_batches_tracked) for an empty input, as torch's batch norm gives them: an empty
+// output, the statistics as they were, the counter moved by ``batches``.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_outputs(
+    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    int64_t batches, at::ScalarType empty_type) {
+  auto unchanged = [&](const std::optional<at::Tensor>& state) {
+    return state.has_value() ? state->clone() : input.new_empty({0}, input.options().dtype(empty_type));
+  };
+  at::Tensor tracked = num_batches_tracked.has_value() ? *num_batches_tracked + batches : input.new_empty({0});
+  return {at::empty_like(input), unchanged(running_mean), unchanged(running_var), tracked};
+}
+
+// batch_norm_contract.empty_input_grads: a backward op's outputs for an empty input.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_input_grads(const at::Tensor& input,
+                                                                        const std::optional<at::Tensor>& weight) {
+  if (!weight.has_value()) return {at::empty_like(input), input.new_empty({0}), input.new_empty({0})};
+  return {at::empty_like(input), at::zeros_like(*weight), at::zeros_like(*weight)};
 }
 
 // The type the C++ math computes in: double for double input, float for the rest (float16 and

@@ -73,6 +73,11 @@ SyncOutputs forward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
   std::vector<double> m, m2;  // [C]; zeros for an empty batch
   bnfx_cpu::moments(input, m, m2);
   const auto shift = doubles(running_mean), old_var = doubles(running_var), w = doubles(weight), b = doubles(bias);
+  // the op checked these (op_support_cpu.h); checked again before any indexing
+  for (const auto* values : {&shift, &old_var, &w, &b}) {
+    TORCH_CHECK(values->empty() || int64_t(values->size()) == channels, "per-channel tensors must have ", channels,
+                " elements, got ", values->size());
+  }
   const Tensor sums = at::empty({1 + 2 * channels}, input.options().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
   s[0] = double(count);
@@ -139,6 +144,9 @@ GradOutputs backward_in_cpp(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
   const Tensor sums = bnfx_cpu::tensor_of(local_sums, {2 * channels}, save_mean.options());
   all_reduce(group, sums);
   const auto reduced = doubles(sums), saved_var = doubles(save_var), w = doubles(weight), mean = doubles(save_mean);
+  TORCH_CHECK(int64_t(saved_var.size()) == channels && int64_t(mean.size()) == channels &&
+                  (w.empty() || int64_t(w.size()) == channels),
+              "per-channel tensors must have ", channels, " elements");
   const double n = count.item<double>();
   std::vector<double> a(channels), k(channels), c0(channels);
   for (int64_t c = 0; c < channels; ++c) {
@@ -154,7 +162,8 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
                                 const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                 const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps,
                                 c10::string_view group_name) {
-  bnfx_cpu::check_args(input, running_mean, running_var, momentum, num_batches_tracked);
+  // an empty input is checked no further (as torch) and still joins the group's all-reduce
+  bnfx_cpu::check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps);
   const auto group = group_named(group_name);
   const bnfx_cpu::MathInput x(input);
   auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = forward_in_cpp(
@@ -165,6 +174,10 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
 GradOutputs sync_batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
                                          const Tensor& save_mean, const Tensor& save_var, const Tensor& count,
                                          double eps, c10::string_view group_name) {
+  const std::vector<int64_t> channels{input.dim() >= 2 ? input.size(1) : 0};
+  bnfx_cpu::check_backward_args(grad_out, input, weight,
+                                {{"save_mean", {save_mean, channels}}, {"save_var", {save_var, channels}},
+                                 {"count", {count, {1}}}});
   const bnfx_cpu::MathInput x(input);
   auto [grad_input, grad_weight, grad_bias] = backward_in_cpp(group_named(group_name), x.read(grad_out), x.values(),
                                                               weight, save_mean, save_var, count, eps);
