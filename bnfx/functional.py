@@ -12,7 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
+from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
+from bnfx.ops import higher_order_autograd as higher_order
 from bnfx.own_forward import run_own_forward
 from bnfx.recomputation import recomputing, run_checkpointed
 
@@ -86,6 +88,10 @@ _NEW_STATE = slice(contract.output_index(contract.NEW_STATE[0]), contract.FIRST_
 
 def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars) -> Tensor:
     """``op``'s output (a bnfx op), with the new state written back in place."""
+    if torch_internals.func_transforms_active():
+        # torch.func differentiates the op's composite; the C++ node it refuses (and the sync
+        # op's differentiable all-reduce works only called from here, above the op)
+        op = higher_order.composite_of(op)
     outputs = op(input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars)
     out, (new_mean, new_var, new_tracked) = outputs[_OUT], outputs[_NEW_STATE]
     if recomputing():  # the forward of this step wrote it already

@@ -61,6 +61,22 @@ def in_backward() -> bool | None:
     return None if _graph_task_id is None else _graph_task_id() != -1
 
 
+# -- torch.func: is a transform (jvp, grad, vmap) running?
+
+_transforms_active: Callable[[], bool] | None = getattr(torch._C, "_are_functorch_transforms_active", None)
+if _transforms_active is None:
+    _missing(
+        "torch._C._are_functorch_transforms_active",
+        "torch.func transforms (jvp, grad, vmap) through a bnfx.convert model reach the ops' C++ autograd, which "
+        "supports ghost batch norm only; torch.autograd.forward_ad and double backward work in every mode",
+    )
+
+
+def func_transforms_active() -> bool:
+    """Whether a torch.func transform is running (False where this torch cannot say)."""
+    return _transforms_active is not None and _transforms_active()
+
+
 # -- fx: the tracer that re-traces a saved GraphModule's code when it is loaded
 
 _TRACER_ATTRIBUTE = "_tracer_cls"

@@ -115,7 +115,9 @@ def empty_outputs(input: Tensor, running_mean, running_var, num_batches_tracked,
         return input.new_empty(0, dtype=empty_dtype) if state is None else state.clone()
 
     tracked = input.new_empty(0) if num_batches_tracked is None else num_batches_tracked + batches
-    return (torch.empty_like(input), unchanged(running_mean), unchanged(running_var), tracked, *saved)
+    # an empty clone of the input, not a new tensor: the output stays a function of the input
+    # (an empty gradient, an empty tangent), as torch's is
+    return (input.clone(), unchanged(running_mean), unchanged(running_var), tracked, *saved)
 
 
 def empty_input_grads(input: Tensor, weight):

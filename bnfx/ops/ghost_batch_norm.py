@@ -34,6 +34,7 @@ from torch import Tensor
 from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
+from bnfx.ops import higher_order_autograd as higher_order
 
 
 def ghost_chunk_layout(batch: int, ghost_batch_size: int) -> tuple[int, int, int]:
@@ -289,6 +290,7 @@ class _TritonKernels(_LocalKernels):
 def _ghost_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size,
                       momentum, eps):
     """The op's body around a device's local work (``kernels``: ``_LocalKernels`` or a subclass)."""
+    higher_order.refuse_tangents("ghost_batch_norm", input, weight, bias)
     if _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
         return _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size)
     local = device_kernels.local_kernels(kernels, input)
@@ -486,3 +488,14 @@ DECOMPOSITIONS = {
     torch.ops.bnfx.ghost_batch_norm.default: ghost_batch_norm_decomposition,
     torch.ops.bnfx.ghost_batch_norm_backward.default: ghost_batch_norm_backward_decomposition,
 }
+
+
+# Double backward and forward-mode AD: the decomposition is the op's differentiable composite.
+higher_order.define_composite(ghost_batch_norm, ghost_batch_norm_decomposition)
+
+
+def _normalized(input, weight, ghost_batch_size, eps):
+    return ghost_batch_norm_decomposition(input, weight, None, None, None, None, ghost_batch_size, 0.0, eps)[0]
+
+
+higher_order.register_double_backward(ghost_batch_norm_backward, _normalized, ("ghost_batch_size", "eps"))

@@ -47,6 +47,7 @@ from torch import Tensor
 from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
 from bnfx.ops import device_kernels
+from bnfx.ops import higher_order_autograd as higher_order
 from bnfx.torch_internals import resolve_process_group
 
 
@@ -67,6 +68,8 @@ class _LocalKernels:
     """A rank's local work, any device, layout and dtype: PyTorch ops (the default body's). A
     device's kernels override it and say which input they take (``takes``)."""
 
+    # whether these are the differentiable composite's (``higher_order_autograd``)
+    differentiable = False
     # whether the all-reduce also carries the raw sums, so that the group's mean is a function
     # of the reduced values alone, not of the shift (the running mean)
     mean_from_sums = False
@@ -222,12 +225,26 @@ class _DecomposedKernels(_LocalKernels):
         return torch_internals.functional_all_reduce(sums, group_name)
 
 
+class _DifferentiableKernels(_DecomposedKernels):
+    """The op's differentiable composite (``higher_order_autograd``): the decomposition's
+    primitives, the all-reduces differentiable in both modes."""
+
+    differentiable = True
+
+    @staticmethod
+    def all_reduce(sums, group_name):
+        return higher_order.GroupSum.apply(sums, group_name)
+
+
 def _global_moments(local, input: Tensor, shift: Tensor, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, biased_var, count)`` over the group, float64; one all-reduce."""
     channels = input.shape[1]
     count = input.numel() // channels
     if count == 0:  # a shape, known on the host: no synchronization
-        mean = m2 = input.new_zeros(channels, dtype=torch.float64)
+        # zeros that are a function of the input, so that an empty rank's graph is every rank's
+        # (the same all-reduces in its derivatives)
+        mean = input.sum(_reduced_dims(input), dtype=torch.float64)
+        m2 = mean.clone()
     else:
         mean, m2 = local.moments(input)
     offset = mean - shift
@@ -264,6 +281,8 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
 
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
+    if not kernels.differentiable:
+        higher_order.refuse_tangents("sync_batch_norm", input, weight, bias)
     # An empty input is checked no further (as torch) and still joins the group's all-reduce.
     contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
     local = device_kernels.local_kernels(kernels, input)
@@ -387,6 +406,20 @@ DECOMPOSITIONS = {
     torch.ops.bnfx.sync_batch_norm.default: sync_batch_norm_decomposition,
     torch.ops.bnfx.sync_batch_norm_backward.default: sync_batch_norm_backward_decomposition,
 } if torch_internals.has_functional_collectives else {}
+
+# Double backward and forward-mode AD: the decomposition with differentiable all-reduces.
+def sync_batch_norm_composite(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                              group_name):
+    return _sync_batch_norm(_DifferentiableKernels, input, weight, bias, running_mean, running_var,
+                            num_batches_tracked, momentum, eps, group_name)
+
+
+def _normalized(input, weight, eps, group_name):
+    return sync_batch_norm_composite(input, weight, None, None, None, None, 0.0, eps, group_name)[0]
+
+
+higher_order.define_composite(sync_batch_norm, sync_batch_norm_composite)
+higher_order.register_double_backward(sync_batch_norm_backward, _normalized, ("eps", "group_name"))
 
 if device_kernels.triton_launchers() is not None:
     device_kernels.register_local_kernels(

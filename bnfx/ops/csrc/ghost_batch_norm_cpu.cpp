@@ -162,6 +162,11 @@ GhostOutputs ghost_batch_norm_autograd(const Tensor& input, const OptionalTensor
                                        const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                        const OptionalTensor& num_batches_tracked, c10::SymInt ghost_batch_size,
                                        std::optional<double> momentum, double eps) {
+  if (bnfx_cpu::needs_composite(input, weight, bias)) {
+    static const auto composite = bnfx_cpu::typed_op<GhostSignature>("bnfx::ghost_batch_norm_composite");
+    return composite.call(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size,
+                          momentum, eps);
+  }
   auto o = GhostBatchNorm::apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                  std::move(ghost_batch_size), momentum, eps);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/FuncTorchTLS.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 
@@ -223,6 +224,26 @@ inline void keep_for_backward(torch::autograd::AutogradContext* ctx, const std::
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Whether an autograd kernel's call needs the op's differentiable composite,
+// bnfx::<op>_composite (higher_order_autograd.py), instead of its C++ node, which has no
+// forward-mode formula and which torch.func refuses: a torch.func transform is running, or an
+// argument carries a forward-mode tangent.
+inline bool needs_composite(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias) {
+  // torch.func's own test of a C++ node (custom_function.h): it throws while a transform runs
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    try {
+      functorch->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      return true;
+    }
+  }
+  auto has_tangent = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
+  };
+  return has_tangent(input) || has_tangent(weight) || has_tangent(bias);
 }
 
 // An autograd kernel's backward: ``call_backward_op(grad_out, input, weight, saved outputs)``

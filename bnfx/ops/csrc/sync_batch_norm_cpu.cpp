@@ -214,6 +214,11 @@ SyncOutputs sync_batch_norm_autograd(const Tensor& input, const OptionalTensor& 
                                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                      const OptionalTensor& num_batches_tracked, std::optional<double> momentum,
                                      double eps, c10::string_view group_name) {
+  if (bnfx_cpu::needs_composite(input, weight, bias)) {
+    static const auto composite = bnfx_cpu::typed_op<SyncSignature>("bnfx::sync_batch_norm_composite");
+    return composite.call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                          group_name);
+  }
   auto o = SyncBatchNorm::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 std::string(group_name));
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
