@@ -48,11 +48,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
-def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps) -> bool:
+def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
+               sizes_when_empty: bool = False) -> bool:
     """The checks every bnfx batch-norm op makes before any kernel runs, in torch's order and
     with torch's exception types (``F.batch_norm`` in training, then ``torch.batch_norm``); the
     C++ CPU kernels make the same (``csrc/op_support_cpu.h``). Returns whether ``input`` is
-    empty: like torch, an empty input is checked no further and gives an empty output."""
+    empty: like torch, an empty input is checked no further and gives an empty output, unless
+    ``sizes_when_empty`` (sync: a rank whose share is empty must refuse what its peers refuse,
+    not wait for them in the all-reduce)."""
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
     if not eps > 0:
@@ -61,7 +64,8 @@ def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum,
         raise ValueError("running_mean and running_var must both be given or both be None")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
-    if input.numel() == 0:
+    empty = input.numel() == 0
+    if empty and not sizes_when_empty:
         return True
     channels = input.shape[1]
     parameters = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
@@ -70,6 +74,8 @@ def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum,
         torch._check_with(
             RuntimeError, t.numel() == channels, lambda: f"{name} should contain {channels} elements not {t.numel()}"
         )
+    if empty:
+        return True
     if input.dtype not in FLOAT_DTYPES:
         raise NotImplementedError(
             f'"batch_norm" not implemented for {input.dtype}: input must be float16, bfloat16, float32 or float64'
@@ -89,14 +95,15 @@ def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum,
 def check_backward_args(grad_out: Tensor, input: Tensor, weight, saved: dict[str, tuple[Tensor, tuple]]) -> None:
     """A backward op's tensors against its input (a direct call could pass any): ``saved`` maps
     each saved statistic's name to ``(tensor, the shape it must have)``. Same messages as the
-    C++ kernels' (``csrc/op_support_cpu.h``)."""
+    C++ kernels' (``csrc/op_support_cpu.h``). An empty input's weight goes unchecked, as in the
+    forward."""
     if input.dim() < 2:
         raise RuntimeError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
     torch._check(
         grad_out.shape == input.shape,
         lambda: f"grad_out should have the input's shape {tuple(input.shape)}, got {tuple(grad_out.shape)}",
     )
-    if weight is not None:
+    if weight is not None and input.numel() != 0:
         torch._check(
             weight.numel() == input.shape[1],
             lambda: f"weight should contain {input.shape[1]} elements not {weight.numel()}",

@@ -59,11 +59,15 @@ def composite_of(op):
 
 def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) -> None:
     """An autograd formula for ``backward_op`` (``(grad_out, input, weight, *saved, *scalars)``
-    -> ``(grad_input, grad_weight, grad_bias)``): the first derivatives of ``normalized(input,
-    weight, *scalars)`` (the composite's output, without bias), recomputed as a graph of
-    ``(grad_out, input, weight)``, differentiated. The saved statistics are
-    functions of the input, so their dependence is in the recomputed graph (as in torch's
-    ``batchnorm_double_backward``); they take no gradient of their own."""
+    -> ``(grad_input, grad_weight, grad_bias)``): the vector-Jacobian product of the first
+    derivatives of ``normalized(input, weight, *scalars)`` (the composite's output, without
+    bias) as functions of ``(grad_out, input, weight)``. The saved statistics are functions of
+    the input, so their dependence is in that function (as in torch's
+    ``batchnorm_double_backward``); they take no gradient of their own.
+
+    torch.func.vjp, not autograd.grad: it differentiates the recomputed graph alone, never the
+    graph that made ``grad_out`` (which autograd then differentiates itself), and its result
+    is differentiable again where a higher derivative is asked."""
     names = [argument.name for argument in backward_op._opoverload._schema.arguments]
     positions = [names.index(name) for name in scalars]
 
@@ -72,40 +76,31 @@ def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) 
         ctx.save_for_backward(grad_out, input, weight)
         ctx.scalars = [inputs[i] for i in positions]
 
-    def backward(ctx, *grads_of_grads):
+    def backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
         grad_out, input, weight = ctx.saved_tensors
         needed = ctx.needs_input_grad[:3]
         unused = (None,) * (len(names) - 3)
         if not any(needed):
             return (None,) * 3 + unused
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            # tensors of the outer graph are differentiated where they are (any order); the
-            # others through a detached leaf
-            leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in
-                      (grad_out, input, weight)]
-            firsts = first_derivatives(normalized, *leaves, *ctx.scalars)
-            pairs = [(first, gg) for first, gg in zip(firsts, grads_of_grads) if first is not None and gg is not None]
-            wrt = [leaf for leaf, need in zip(leaves, needed) if need]
-            grads = iter(torch.autograd.grad(
-                [first for first, _ in pairs], wrt, [gg for _, gg in pairs], allow_unused=True,
-                create_graph=create_graph, materialize_grads=True,
-            ))
-        return tuple(next(grads) if need else None for need in needed) + unused
+        primals = (grad_out, input) if weight is None else (grad_out, input, weight)
+        firsts, vjp = torch.func.vjp(lambda *p: first_derivatives(normalized, *p, *ctx.scalars), *primals)
+        cotangents = (grad_grad_input, grad_grad_weight, grad_grad_bias)[: len(firsts)]
+        cotangents = tuple(torch.zeros_like(f) if c is None else c for f, c in zip(firsts, cotangents))
+        grads = vjp(cotangents) + (None,) * (3 - len(primals))
+        return tuple(g if need else None for g, need in zip(grads, needed)) + unused
 
     backward_op.register_autograd(backward, setup_context=setup_context)
 
 
-def first_derivatives(normalized, grad_out: Tensor, input: Tensor, weight: Tensor | None, *scalars):
+def first_derivatives(normalized, grad_out: Tensor, input: Tensor, weight: Tensor | None = None, *scalars):
     """``(grad_input, grad_weight, grad_bias)`` of ``normalized`` (no bias: its gradient is the
-    sum of ``grad_out``), as a graph of its arguments; None for weight and bias without a weight."""
-    out = normalized(input, weight, *scalars)
-    wrt = [input] + ([weight] if weight is not None else [])
-    grad_input, *grad_weight = torch.autograd.grad(out, wrt, grad_out, create_graph=True, materialize_grads=True)
+    sum of ``grad_out``); only ``grad_input`` without a weight."""
     if weight is None:
-        return grad_input, None, None
+        _, vjp = torch.func.vjp(lambda x: normalized(x, None, *scalars), input)
+        return vjp(grad_out)
+    _, vjp = torch.func.vjp(lambda x, w: normalized(x, w, *scalars), input, weight)
     dims = (0,) + tuple(range(2, input.dim()))
-    return grad_input, grad_weight[0], grad_out.sum(dims).to(weight.dtype)
+    return (*vjp(grad_out), grad_out.sum(dims).to(weight.dtype))
 
 
 def refuse_tangents(op_name: str, *tensors) -> None:

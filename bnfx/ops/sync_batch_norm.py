@@ -283,8 +283,8 @@ def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, nu
                      group_name):
     if not kernels.differentiable:
         higher_order.refuse_tangents("sync_batch_norm", input, weight, bias)
-    # An empty input is checked no further (as torch) and still joins the group's all-reduce.
-    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
+    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
+                        sizes_when_empty=True)
     local = device_kernels.local_kernels(kernels, input)
     channels = input.shape[1]
     shift = (
@@ -327,7 +327,8 @@ sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
 
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
-    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
+    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
+                        sizes_when_empty=True)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))

@@ -65,11 +65,12 @@ inline std::string python_g(double value) {
 
 // batch_norm_contract.check_args: the checks every bnfx batch-norm op makes before any kernel
 // runs, in torch's order, with its exception types and the same messages. Returns whether the
-// input is empty (then, as torch, checked no further).
+// input is empty (then, as torch, checked no further; sync checks sizes still, as the Python op).
 inline bool check_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                        const std::optional<at::Tensor>& running_var, std::optional<double> momentum,
-                       const std::optional<at::Tensor>& num_batches_tracked, double eps) {
+                       const std::optional<at::Tensor>& num_batches_tracked, double eps,
+                       bool sizes_when_empty = false) {
   TORCH_CHECK_VALUE(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got shape ",
                     python_tuple(input.sizes()));
   TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", python_g(eps));
@@ -77,7 +78,8 @@ inline bool check_args(const at::Tensor& input, const std::optional<at::Tensor>&
                     "running_mean and running_var must both be given or both be None");
   TORCH_CHECK_VALUE(!(running_mean.has_value() && !momentum.has_value() && !num_batches_tracked.has_value()),
                     "momentum=None (cumulative average) needs num_batches_tracked, got None");
-  if (input.numel() == 0) return true;
+  const bool empty = input.numel() == 0;
+  if (empty && !sizes_when_empty) return true;
   const int64_t channels = input.size(1);
   const std::pair<const char*, const std::optional<at::Tensor>*> parameters[] = {
       {"running_mean", &running_mean}, {"running_var", &running_var}, {"weight", &weight}, {"bias", &bias}};
@@ -85,6 +87,7 @@ inline bool check_args(const at::Tensor& input, const std::optional<at::Tensor>&
     TORCH_CHECK(!t->has_value() || (*t)->numel() == channels, name, " should contain ", channels, " elements not ",
                 (*t)->numel());
   }
+  if (empty) return true;
   const auto type = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(type) && at::elementSize(type) >= 2,
                               "\"batch_norm\" not implemented for ", python_dtype(type),
@@ -115,7 +118,8 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& in
               python_tuple(input.sizes()));
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ", python_tuple(input.sizes()),
               ", got ", python_tuple(grad_out.sizes()));
-  TORCH_CHECK(!weight.has_value() || weight->numel() == input.size(1), "weight should contain ", input.size(1),
+  TORCH_CHECK(!weight.has_value() || input.numel() == 0 || weight->numel() == input.size(1),
+              "weight should contain ", input.size(1),
               " elements not ", weight.has_value() ? weight->numel() : 0);
   for (const auto& [name, tensor_and_shape] : saved) {
     const auto& [t, shape] = tensor_and_shape;

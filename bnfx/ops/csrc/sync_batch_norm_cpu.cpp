@@ -162,8 +162,9 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
                                 const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                 const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps,
                                 c10::string_view group_name) {
-  // an empty input is checked no further (as torch) and still joins the group's all-reduce
-  bnfx_cpu::check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps);
+  // sizes checked on an empty share too: a rank must refuse what its peers refuse
+  bnfx_cpu::check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
+                       /*sizes_when_empty=*/true);
   const auto group = group_named(group_name);
   const bnfx_cpu::MathInput x(input);
   auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = forward_in_cpp(
