@@ -83,7 +83,11 @@ def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) 
         if not any(needed):
             return (None,) * 3 + unused
         primals = (grad_out, input) if weight is None else (grad_out, input, weight)
-        firsts, vjp = torch.func.vjp(lambda *p: first_derivatives(normalized, *p, *ctx.scalars), *primals)
+
+        def firsts_of(grad_out, input, weight=None):
+            return first_derivatives(normalized, grad_out, input, weight, *ctx.scalars)
+
+        firsts, vjp = torch.func.vjp(firsts_of, *primals)
         cotangents = (grad_grad_input, grad_grad_weight, grad_grad_bias)[: len(firsts)]
         cotangents = tuple(torch.zeros_like(f) if c is None else c for f, c in zip(firsts, cotangents))
         grads = vjp(cotangents) + (None,) * (3 - len(primals))

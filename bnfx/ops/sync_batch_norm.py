@@ -279,10 +279,18 @@ def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total,
     return new_mean, new_var, new_tracked
 
 
+def _refuse_one_value_alone(input: Tensor, group_name: str) -> None:
+    """A group of one is torch's batch norm, which refuses one value per channel (with peers, a
+    rank's single value is a legal share of the group's batch)."""
+    if input.dim() >= 2 and input.numel() == input.shape[1] and dist.get_world_size(_group(group_name)) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
     if not kernels.differentiable:
         higher_order.refuse_tangents("sync_batch_norm", input, weight, bias)
+    _refuse_one_value_alone(input, group_name)
     contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
                         sizes_when_empty=True)
     local = device_kernels.local_kernels(kernels, input)
@@ -327,6 +335,7 @@ sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
 
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
+    _refuse_one_value_alone(input, group_name)
     contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
                         sizes_when_empty=True)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))

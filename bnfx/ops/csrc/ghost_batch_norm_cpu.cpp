@@ -46,15 +46,6 @@ int64_t chunk_size_of(int64_t batch, int64_t ghost_batch_size) {
 
 int64_t chunk_count_of(int64_t batch, int64_t ghost_batch_size) { return (batch + ghost_batch_size - 1) / ghost_batch_size; }
 
-// A size as torch.Size prints it: "torch.Size([1, 3])".
-std::string torch_size(at::IntArrayRef sizes) {
-  std::ostringstream text;
-  text << "torch.Size([";
-  for (size_t i = 0; i < sizes.size(); ++i) text << (i ? ", " : "") << sizes[i];
-  text << "])";
-  return text.str();
-}
-
 // ghost_batch_norm.py's _check_args, with its messages; returns whether the input is empty.
 bool check_ghost_args(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                       const OptionalTensor& running_mean, const OptionalTensor& running_var,
@@ -68,7 +59,7 @@ bool check_ghost_args(const Tensor& input, const OptionalTensor& weight, const O
     for (int64_t d = 2; d < input.dim(); ++d) per_sample *= input.size(d);
     if ((batch - (nchunks - 1) * chunk_size) * per_sample == 1) {
       TORCH_CHECK_VALUE(nchunks != 1, "Expected more than 1 value per channel when training, got input size ",
-                        torch_size(input.sizes()));
+                        bnfx_cpu::torch_size(input.sizes()));
       TORCH_CHECK_VALUE(false,
                         "ghost batch norm needs more than 1 value per channel in every ghost batch, got a ghost batch "
                         "of 1 sample of shape ",

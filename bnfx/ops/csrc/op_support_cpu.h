@@ -36,6 +36,15 @@ inline std::string python_tuple(at::IntArrayRef sizes) {
   return text.str();
 }
 
+// A size as torch.Size prints it: "torch.Size([1, 3])".
+inline std::string torch_size(at::IntArrayRef sizes) {
+  std::ostringstream text;
+  text << "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) text << (i ? ", " : "") << sizes[i];
+  text << "])";
+  return text.str();
+}
+
 // A dtype as Python writes it: "torch.float32", "torch.int64".
 inline std::string python_dtype(at::ScalarType type) {
   switch (type) {

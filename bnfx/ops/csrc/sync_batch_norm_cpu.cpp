@@ -162,10 +162,15 @@ SyncOutputs sync_batch_norm_cpu(const Tensor& input, const OptionalTensor& weigh
                                 const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                 const OptionalTensor& num_batches_tracked, std::optional<double> momentum, double eps,
                                 c10::string_view group_name) {
+  const auto group = group_named(group_name);
+  // a group of one is torch's batch norm, which refuses one value per channel (with peers, a
+  // rank's single value is a legal share): sync_batch_norm.py's _refuse_one_value_alone
+  TORCH_CHECK_VALUE(!(input.dim() >= 2 && input.numel() == input.size(1) && group->getSize() == 1),
+                    "Expected more than 1 value per channel when training, got input size ",
+                    bnfx_cpu::torch_size(input.sizes()));
   // sizes checked on an empty share too: a rank must refuse what its peers refuse
   bnfx_cpu::check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
                        /*sizes_when_empty=*/true);
-  const auto group = group_named(group_name);
   const bnfx_cpu::MathInput x(input);
   auto [out, new_mean, new_var, new_tracked, save_mean, save_var, count] = forward_in_cpp(
       group, x.values(), weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
