@@ -58,8 +58,8 @@ def check_args(input: Tensor, weight, bias, running_mean, running_var, momentum,
     not wait for them in the all-reduce)."""
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
-    if not eps > 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps:g}")
+    # eps may be a graph value under dynamic shapes: a check, not a branch
+    torch._check_value(eps > 0, lambda: f"batch_norm eps must be positive during training, but got {eps:g}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
