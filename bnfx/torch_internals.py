@@ -72,9 +72,9 @@ if _transforms_active is None:
     )
 
 
-def func_transforms_active() -> bool:
-    """Whether a torch.func transform is running (False where this torch cannot say)."""
-    return _transforms_active is not None and _transforms_active()
+# Whether a torch.func transform is running (False where this torch cannot say); the C
+# function itself where it exists: the converted modules ask on every call.
+func_transforms_active: Callable[[], bool] = _transforms_active or (lambda: False)
 
 
 # -- fx: the tracer that re-traces a saved GraphModule's code when it is loaded

@@ -104,17 +104,21 @@ inline bool check_args(const at::Tensor& input, const std::optional<at::Tensor>&
   const bool reduced = type == at::kHalf || type == at::kBFloat16;
   std::optional<at::ScalarType> common;
   bool mixed = false;
-  std::string described;
   for (const auto& [name, t] : parameters) {
     if (!t->has_value()) continue;
     const auto p = (*t)->scalar_type();
-    described += std::string(described.empty() ? "" : ", ") + name + " " + python_dtype(p);
     mixed = mixed || (common.has_value() && *common != p) || !(p == type || (reduced && p == at::kFloat));
     common = p;
   }
-  TORCH_CHECK(!mixed, "mixed dtype: input is ", python_dtype(type), " and ", described,
-              "; weight, bias, running_mean and running_var must all have the input's dtype",
-              reduced ? " or all float32" : "", ", as torch's batch norm requires");
+  if (mixed) {
+    std::string described;
+    for (const auto& [name, t] : parameters) {
+      if (t->has_value()) described += std::string(described.empty() ? "" : ", ") + name + " " + python_dtype((*t)->scalar_type());
+    }
+    TORCH_CHECK(false, "mixed dtype: input is ", python_dtype(type), " and ", described,
+                "; weight, bias, running_mean and running_var must all have the input's dtype",
+                reduced ? " or all float32" : "", ", as torch's batch norm requires");
+  }
   return false;
 }
 
