@@ -695,3 +695,20 @@ def cpu_sync_batchnorm_under_ddp(rank: int, world_size: int) -> dict[str, str]:
     except ValueError as raised:
         error = str(raised)
     return {"warnings": [r.getMessage() for r in records if r.levelname == "WARNING"], "error": error}
+
+
+def whole_group_empty(rank: int, world_size: int) -> None:
+    """Every rank's share empty: what torch's batch norm gives the empty concatenation, an
+    empty output, the statistics as they were, the batch counted, zero affine gradients."""
+    for momentum in (0.1, None):
+        reference = _randomized(nn.BatchNorm2d(CHANNELS, momentum=momentum), seed=1)
+        model = bnfx.convert(copy.deepcopy(reference), sync=True)
+        for module in (reference, model):
+            x = torch.randn(0, CHANNELS, 3, 3, requires_grad=True)
+            out = module(x)
+            out.backward(torch.randn_like(out))
+            assert out.shape == x.shape and x.grad.shape == x.shape
+        for name, want in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], want, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(model.weight.grad, torch.zeros(CHANNELS))
+        torch.testing.assert_close(model.bias.grad, torch.zeros(CHANNELS))

@@ -80,3 +80,7 @@ def test_converted_sync_batchnorm_model_syncs_on_cpu(door):
 def test_norm_act_layers_sync_their_own_forward(door):
     for actions in run_world(sync_workers.norm_act, 2, door):
         assert actions == [("1", "sync"), ("3", "sync")]
+
+
+def test_a_whole_group_of_empty_shares_is_torchs_empty_batch():
+    run_world(sync_workers.whole_group_empty, 2)
