@@ -88,6 +88,10 @@ DOORS = {
         ),
         _compiled_reference,
     ),
+    "transform": (
+        lambda m, g: bnfx.transform(torch.fx.symbolic_trace(torch.nn.Sequential(m)), ghost_batch_size=ONE_CHUNK),
+        lambda m: m,
+    ),
 }
 
 
@@ -200,11 +204,11 @@ def _odd_inputs():
     }
 
 
-@pytest.mark.parametrize("door", ["convert", "convert-sync", "convert-compile"])
+@pytest.mark.parametrize("door", list(DOORS))
 @pytest.mark.parametrize("case", list(_odd_inputs()))
 def test_odd_inputs_give_torchs_result_or_error(case, door, group_name):
     module, input = _odd_inputs()[case]
-    if door == "convert-compile" and not input.is_floating_point():
+    if door in ("convert-compile", "backend") and not input.is_floating_point():
         pytest.skip("Dynamo raises its own error for integer and complex input, in both")
     make_bnfx, make_torch = DOORS[door]
     converted = copy.deepcopy(module)
