@@ -149,8 +149,8 @@ def _assert_same_state(converted, reference, context):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("info", BATCH_NORMS, ids=lambda info: info.name)
 def test_module_db_samples_give_torchs_results(info, training, dtype, door, group_name):
-    if door in ("convert-compile", "backend") and dtype == torch.float64:
-        pytest.skip("compiled doors in float32 only: each sample compiles anew (the suite's time)")
+    if door in ("convert-compile", "backend", "transform") and dtype == torch.float64:
+        pytest.skip("graph doors in float32 only: each sample traces anew (the suite's time)")
     if door == "backend" and not training:
         pytest.skip("the backend leaves eval-mode batch norm to torch")
     for sample in _samples(info, dtype, training):
@@ -298,3 +298,25 @@ def test_repr_dtype_conversion_and_state_dict_round_trip():
     fresh.load_state_dict(torch.load(buffer))
     _assert_same(_outcome(fresh, x, fresh), _outcome(reference, x, reference), "loaded")
     _assert_same_state(fresh, reference, "loaded")
+
+
+@pytest.mark.parametrize("door", ["convert", "transform"])
+def test_export_refuses_wrong_sizes_as_torch_does(door):
+    """torch.export, the last door: a wrong-size weight is refused while exporting (bnfx's fake
+    kernels, as torch's meta kernels refuse it), a right one exports torch's result."""
+    x = torch.randn(4, 5, 2, 2)
+    for channels, works in ((5, True), (3, False)):
+        reference = torch.nn.BatchNorm2d(channels, track_running_stats=False)
+        model = copy.deepcopy(reference)
+        if door == "convert":
+            bnfx.convert(model, ghost_batch_size=ONE_CHUNK)
+        else:
+            model = bnfx.transform(torch.fx.symbolic_trace(torch.nn.Sequential(model)), ghost_batch_size=ONE_CHUNK)
+        if not works:
+            with pytest.raises(RuntimeError, match="weight should contain 5 elements not 3"):
+                torch.export.export(model, (x,))
+            with pytest.raises(RuntimeError):
+                torch.export.export(reference, (x,))
+            continue
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(exported(x), reference(x))
