@@ -144,3 +144,14 @@ def test_without_the_cpp_kernels_tangents_are_refused_not_dropped():
     assert len(refusals) == 2, result.stdout
     assert "jvp" in refusals[0]  # torch's autograd.Function refuses
     assert "forward-mode AD through bnfx::ghost_batch_norm on cpu tensors" in refusals[1]
+
+
+def test_sync_gradgradcheck_and_forward_ad_in_a_group_of_one(group_name, kernel):
+    x, weight, bias = _inputs((6, 2, 3))
+    inputs = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def fn(*args):
+        return torch.ops.bnfx.sync_batch_norm(*args, None, None, None, 0.1, 1e-5, group_name)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, check_batched_grad=False)
+    assert torch.autograd.gradgradcheck(fn, inputs)
