@@ -172,7 +172,13 @@ if not hasattr(torch.ops.aten.batch_norm.default, "_schema"):
 
 def op_arguments(op) -> list:
     """The arguments of ``op`` (an OpOverload, or a custom op's definition) in its schema, in order."""
-    return list(getattr(op, "_opoverload", op)._schema.arguments)
+    return list(op_schema(op).arguments)
+
+
+def op_schema(op):
+    """The schema of ``op`` (an OpOverload, or a custom op's definition): ``.name``
+    ("bnfx::ghost_batch_norm"), ``.arguments``, and its text as ``str``."""
+    return getattr(op, "_opoverload", op)._schema
 
 
 # -- the dispatcher: kernels registered for the length of a block (device_kernels.default_bodies)

@@ -7,8 +7,8 @@ decomposition's math, with a differentiable all-reduce for sync), which autograd
 AD and torch.func differentiate to any order:
 
 - **double backward** (``create_graph=True``, gradient penalties, Hessian-vector products):
-  each backward op gets an autograd formula (``register_double_backward``) that recomputes the
-  composite's first derivatives as a graph and differentiates it;
+  each backward op gets an autograd formula (``register_double_backward``): the
+  vector-Jacobian product of the composite's first derivatives (``torch.func.vjp``);
 - **forward-mode AD** (``torch.autograd.forward_ad``, ``torch.func.jvp``) and torch.func
   transforms: the C++ autograd kernels call the composite op ``bnfx::<op>_composite`` instead
   of their C++ node (``csrc/op_support_cpu.h``'s ``needs_composite``), the same op with the
@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.distributed as dist
 from torch import Tensor
 
-from bnfx.torch_internals import resolve_process_group
+from bnfx.torch_internals import op_arguments, op_schema, resolve_process_group
 
 _library = torch.library.Library("bnfx", "FRAGMENT")
 
@@ -38,8 +38,8 @@ _composites: dict[str, object] = {}
 def define_composite(op, composite) -> None:
     """``bnfx::<op>_composite``: ``op``'s schema, ``composite`` its one kernel; its non-first
     outputs (state, saved statistics) detached."""
-    name = op._opoverload._schema.name.split("::")[1] + "_composite"
-    schema = str(op._opoverload._schema).split("(", 1)[1]
+    name = op_schema(op).name.split("::")[1] + "_composite"
+    schema = str(op_schema(op)).split("(", 1)[1]
     _library.define(f"{name}({schema}")
 
     def kernel(*args):
@@ -53,8 +53,7 @@ def define_composite(op, composite) -> None:
 def composite_of(op):
     """``op``'s composite as a Python function (torch.func differentiates what it calls,
     autograd.Functions included, only above the dispatcher), or ``op`` where it has none."""
-    packet = getattr(op, "_overloadpacket", op)
-    return _composites.get(packet._qualified_op_name.split("::")[1], op)
+    return _composites.get(op.__name__.split(".")[0], op)  # "ghost_batch_norm" or "ghost_batch_norm.default"
 
 
 def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) -> None:
@@ -68,7 +67,7 @@ def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) 
     torch.func.vjp, not autograd.grad: it differentiates the recomputed graph alone, never the
     graph that made ``grad_out`` (which autograd then differentiates itself), and its result
     is differentiable again where a higher derivative is asked."""
-    names = [argument.name for argument in backward_op._opoverload._schema.arguments]
+    names = [argument.name for argument in op_arguments(backward_op)]
     positions = [names.index(name) for name in scalars]
 
     def setup_context(ctx, inputs, output):
