@@ -56,8 +56,7 @@ def _check_args(input: Tensor, weight, bias, running_mean, running_var, num_batc
                 momentum, eps) -> bool:
     """The op's checks (``batch_norm_contract.check_args`` and the ghost batch's size); returns
     whether ``input`` is empty."""
-    if ghost_batch_size < 1:
-        raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
+    _check_ghost_batch_size(ghost_batch_size)
     batch = input.shape[0] if input.dim() else 0
     if input.dim() >= 2 and batch != 0:
         # torch's first check in training: more than one value per channel, here per ghost batch.
@@ -68,6 +67,11 @@ def _check_args(input: Tensor, weight, bias, running_mean, running_var, num_batc
         last = batch - (nchunks - 1) * chunk_size
         torch._check_value(last * math.prod(input.shape[2:]) != 1, lambda: _one_value_message(input, ghost_batch_size))
     return contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps)
+
+
+def _check_ghost_batch_size(ghost_batch_size: int) -> None:
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
 
 
 def _one_value_message(input: Tensor, ghost_batch_size: int) -> str:
@@ -335,8 +339,7 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost
 
 
 def _check_backward_args(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size) -> None:
-    if ghost_batch_size < 1:
-        raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size}")
+    _check_ghost_batch_size(ghost_batch_size)
     shape = (ghost_chunk_count(input.shape[0], ghost_batch_size), input.shape[1]) if input.dim() >= 2 else ()
     contract.check_backward_args(grad_out, input, weight, {"save_mean": (save_mean, shape), "save_invstd": (save_invstd, shape)})
 
