@@ -286,13 +286,19 @@ def _refuse_one_value_alone(input: Tensor, group_name: str) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
+def _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
+    """The op's checks: a group of one's one-value refusal, then the contract, sizes checked on
+    an empty share too (a rank must refuse what its peers refuse, not wait for them)."""
+    _refuse_one_value_alone(input, group_name)
+    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
+                        sizes_when_empty=True)
+
+
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      group_name):
     if not kernels.differentiable:
         higher_order.refuse_tangents("sync_batch_norm", input, weight, bias)
-    _refuse_one_value_alone(input, group_name)
-    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
-                        sizes_when_empty=True)
+    _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name)
     local = device_kernels.local_kernels(kernels, input)
     channels = input.shape[1]
     shift = (
@@ -335,9 +341,7 @@ sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
 
 @sync_batch_norm.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
-    _refuse_one_value_alone(input, group_name)
-    contract.check_args(input, weight, bias, running_mean, running_var, momentum, num_batches_tracked, eps,
-                        sizes_when_empty=True)
+    _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
     return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
