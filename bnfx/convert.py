@@ -11,8 +11,11 @@ forwards: the class's forward runs again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import logging
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -20,10 +23,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfx import collective_order
 from bnfx.functional import (
     frozen_batch_norm_module, frozen_own_forward, ghost_batch_norm_module, ghost_own_forward, sync_batch_norm_module,
     sync_own_forward,
 )
+from bnfx.ops.collective_tags import site_tag
 from bnfx.options import resolve_options
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import has_own_forward
@@ -35,12 +40,17 @@ log = logging.getLogger("bnfx")
 @dataclass(frozen=True)
 class Conversion:
     """What a converted module computes: ``action`` "ghost", "sync" or "frozen" (None: plain,
-    with ``reason``), with the ghost size or the sync group's name."""
+    with ``reason``), with the ghost size or the sync group's name and the module's tag."""
 
     action: str | None
     ghost_batch_size: int | None = None
     group_name: str | None = None
     reason: str = ""
+    site: int = 0
+
+
+# converted model -> the hook handles of its collective chain (``collective_order``)
+_chain_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def convert(model: nn.Module, **options) -> nn.Module:
@@ -52,8 +62,16 @@ def convert(model: nn.Module, **options) -> nn.Module:
     >>> ddp = DDP(model)                                      # or bnfx.convert(DDP(model), sync=True)
     """
     modules, conversion = _plan(model, options, create=True)
-    for _, module in modules:
-        module.forward = functools.partial(converted_forward, module, conversion)
+    for name, module in modules:
+        own = conversion
+        if conversion.action == "sync":
+            own = dataclasses.replace(conversion, site=site_tag(name or type(model).__name__))
+        module.forward = functools.partial(converted_forward, module, own)
+    _remove_chain_hooks(model)
+    if conversion.action == "sync":
+        # each forward of the model one chain of sync collectives, differentiable within it
+        _chain_hooks[model] = (model.register_forward_pre_hook(collective_order.begin),
+                               model.register_forward_hook(collective_order.end))
     _warn_cpu_sync_batch_norm(model, modules)
     if conversion.action is None and modules:
         names = ", ".join(name or type(model).__name__ for name, _ in modules)
@@ -92,9 +110,15 @@ def _plan(model: nn.Module, options: dict, *, create: bool) -> tuple[list[tuple[
         return modules, Conversion("ghost", ghost_batch_size=opts.ghost_batch_size)
     if opts.freeze:
         return modules, Conversion("frozen")
-    plan = f"{len(modules)} converted batch-norm modules ({opts.describe()})"
-    group, reason = sync_group(opts.sync, opts.group_size, plan=plan, create=create)
+    plan = f"{len(modules)} converted batch-norm modules ({opts.describe()}; {_layout_digest(modules)})"
+    group, reason = sync_group(opts.sync, opts.group_size, plan=plan, create=create, compare=create)
     return modules, Conversion("sync", group_name=group.name) if group else Conversion(None, reason=reason)
+
+
+def _layout_digest(modules) -> str:
+    """A digest of the modules' names, types and sizes: ranks whose models differ differ here."""
+    layout = [(name, type(m).__name__, getattr(m, "num_features", None)) for name, m in modules]
+    return "layout " + hashlib.blake2b(repr(layout).encode(), digest_size=4).hexdigest()
 
 
 def _warn_cpu_sync_batch_norm(model: nn.Module, modules) -> None:
@@ -121,7 +145,13 @@ def revert(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if conversion_of(module) is not None:
             del module.forward
+        _remove_chain_hooks(module)
     return model
+
+
+def _remove_chain_hooks(model: nn.Module) -> None:
+    for handle in _chain_hooks.pop(model, ()):
+        handle.remove()
 
 
 def conversion_of(module: nn.Module) -> Conversion | None:
@@ -141,11 +171,11 @@ def converted_forward(module: _BatchNorm, conversion: Conversion, *args, **kwarg
         if conversion.action == "ghost":
             return ghost_own_forward(module, conversion.ghost_batch_size, *args, forward=forward, **kwargs)
         if conversion.action == "sync":
-            return sync_own_forward(module, conversion.group_name, *args, forward=forward, **kwargs)
+            return sync_own_forward(module, conversion.group_name, conversion.site, *args, forward=forward, **kwargs)
         return frozen_own_forward(module, *args, forward=forward, **kwargs)
     input = args[0] if args else kwargs["input"]
     if conversion.action == "ghost":
         return ghost_batch_norm_module(module, input, conversion.ghost_batch_size)
     if conversion.action == "sync":
-        return sync_batch_norm_module(module, input, conversion.group_name)
+        return sync_batch_norm_module(module, input, conversion.group_name, conversion.site)
     return frozen_batch_norm_module(module, input)

@@ -12,8 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
-from bnfx import torch_internals
+from bnfx import collective_order, torch_internals
 from bnfx.ops import batch_norm_contract as contract
+from bnfx.ops import collective_tags
 from bnfx.ops import higher_order_autograd as higher_order
 from bnfx.own_forward import run_own_forward
 from bnfx.recomputation import recomputing, run_checkpointed
@@ -53,23 +54,28 @@ def sync_batch_norm(
     *,
     group: dist.ProcessGroup | None = None,
     num_batches_tracked: Tensor | None = None,
+    site: str = "",
 ) -> Tensor:
     """Training-mode batch norm over every rank of ``group`` (default: WORLD); updates the
-    given running statistics in place, identically on every rank.
+    given running statistics in place, identically on every rank. ``site`` names the call in
+    the error a mismatch of the ranks' collectives raises.
 
     >>> y = sync_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-    ...                     num_batches_tracked=bn.num_batches_tracked)
+    ...                     num_batches_tracked=bn.num_batches_tracked, site="encoder.bn1")
     """
     return _sync_batch_norm(
         input, running_mean, running_var, weight, bias, momentum, eps,
         group_name=(group or dist.group.WORLD).group_name, num_batches_tracked=num_batches_tracked,
+        site=collective_tags.site_tag(site) if site else 0,
     )
 
 
-def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked):
+def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *, group_name, num_batches_tracked,
+                     site: int):
+    """The sync op, chained after the previous sync call (``collective_order``)."""
     return _updating_state(
         torch.ops.bnfx.sync_batch_norm, input, weight, bias, running_mean, running_var, num_batches_tracked,
-        momentum, eps, group_name,
+        momentum, eps, group_name, collective_order.take(), site, chained=True,
     )
 
 
@@ -86,13 +92,17 @@ _OUT = contract.output_index("out")
 _NEW_STATE = slice(contract.output_index(contract.NEW_STATE[0]), contract.FIRST_SAVED)
 
 
-def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars) -> Tensor:
-    """``op``'s output (a bnfx op), with the new state written back in place."""
+def _updating_state(op, input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars,
+                    chained=False) -> Tensor:
+    """``op``'s output (a bnfx op), with the new state written back in place; ``chained``: the
+    op's last output is the collective chain's next link."""
     if torch_internals.func_transforms_active():
         # torch.func differentiates the op's composite; the C++ node it refuses (and the sync
         # op's differentiable all-reduce works only called from here, above the op)
         op = higher_order.composite_of(op)
     outputs = op(input, weight, bias, running_mean, running_var, num_batches_tracked, *scalars)
+    if chained:
+        collective_order.put(outputs[-1])
     out, (new_mean, new_var, new_tracked) = outputs[_OUT], outputs[_NEW_STATE]
     if recomputing():  # the forward of this step wrote it already
         return out
@@ -119,10 +129,11 @@ def ghost_batch_norm_module(module: _BatchNorm, input: Tensor, ghost_batch_size:
     return batch_stats_module(module, input, ghost_batch_norm, ghost_batch_size=ghost_batch_size)
 
 
-def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str) -> Tensor:
+def sync_batch_norm_module(module: _BatchNorm, input: Tensor, group_name: str, site: int = 0) -> Tensor:
     """What ``module(input)`` computes, with statistics over the process group ``group_name``
-    wherever it uses batch statistics. Reads the train/eval flag at call time."""
-    return batch_stats_module(module, input, _sync_batch_norm, group_name=group_name)
+    wherever it uses batch statistics. Reads the train/eval flag at call time. ``site``: the
+    module's tag (``collective_tags.site_tag``)."""
+    return batch_stats_module(module, input, _sync_batch_norm, group_name=group_name, site=site)
 
 
 def ghost_batch_norm_of(module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
@@ -138,10 +149,10 @@ def ghost_batch_norm_of(module, input, weight, bias, running_mean, running_var, 
 
 
 def sync_batch_norm_of(module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                       group_name: str | None) -> Tensor:
+                       group_name: str | None, site: int = 0) -> Tensor:
     """``ghost_batch_norm_of`` with statistics over the process group ``group_name``; None:
     plain batch norm (no group to synchronize over)."""
-    group = {} if group_name is None else {"group_name": group_name}
+    group = {} if group_name is None else {"group_name": group_name, "site": site}
     batch_norm = _plain_batch_norm if group_name is None else _sync_batch_norm
     return _on_module_state(
         module, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_norm, **group
@@ -183,10 +194,10 @@ def ghost_own_forward(module: _BatchNorm, ghost_batch_size: int, *args, **kwargs
     return run_own_forward(module, ghost_batch_norm, {"ghost_batch_size": ghost_batch_size}, *args, **kwargs)
 
 
-def sync_own_forward(module: _BatchNorm, group_name: str, *args, **kwargs):
+def sync_own_forward(module: _BatchNorm, group_name: str, site: int, *args, **kwargs):
     """``module(*args, **kwargs)``, a subclass with its own forward, with statistics over the
     process group ``group_name`` in the batch-norm call inside it."""
-    return run_own_forward(module, _sync_batch_norm, {"group_name": group_name}, *args, **kwargs)
+    return run_own_forward(module, _sync_batch_norm, {"group_name": group_name, "site": site}, *args, **kwargs)
 
 
 def frozen_own_forward(module: _BatchNorm, *args, **kwargs):

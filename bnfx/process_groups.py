@@ -26,7 +26,8 @@ class SyncGroup:
     size: int
 
 
-def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str = "") -> tuple[SyncGroup | None, str]:
+def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str = "",
+               compare: bool = False) -> tuple[SyncGroup | None, str]:
     """``(group, "")`` to synchronize over, or ``(None, reason)`` when batch norm stays local.
 
     Like torch's SyncBatchNorm, no initialized process group, or a group of one rank, means
@@ -37,7 +38,9 @@ def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str =
     Creating it, the ranks also compare their ``plan`` (what this rewrite does: how many sites
     it synchronizes, with which options) and raise on every rank when they differ, since their
     collectives would not match. ``create=False`` (``bnfx.explain``) checks the same and
-    creates nothing: no collective, so one rank alone may call it.
+    creates nothing: no collective, so one rank alone may call it. ``compare``: compare the
+    plans even where the communicator exists (``bnfx.convert``: every call is on every rank;
+    a graph's rewrite is not, since a rank recompiles for its own batch sizes).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None, NO_PROCESS_GROUP
@@ -55,7 +58,7 @@ def sync_group(sync, group_size: int | None, *, create: bool = True, plan: str =
         )
     if not create:
         return SyncGroup("(not created by bnfx.explain)", size), ""
-    return SyncGroup(_communicator(group, ranks, size, plan).group_name, size), ""
+    return SyncGroup(_communicator(group, ranks, size, plan, compare).group_name, size), ""
 
 
 def named_group(sync) -> dist.ProcessGroup:
@@ -69,7 +72,8 @@ def named_group(sync) -> dist.ProcessGroup:
         raise ValueError(f"sync={sync!r} names no process group of this process") from error
 
 
-def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: str) -> dist.ProcessGroup:
+def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: str,
+                  compare: bool) -> dist.ProcessGroup:
     """A group of this rank's block of ``size`` ranks of ``group``, for bnfx alone, created
     with ``group``'s timeout once every rank of the block showed the same ``plan``.
 
@@ -77,16 +81,32 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: s
     the large asynchronous ones that share the user's group (DDP's gradient buckets).
     """
     key = (group.group_name, size)
-    if key in _communicators:
-        return _communicators[key]
     index = ranks.index(dist.get_rank()) // size
     block = ranks[index * size : (index + 1) * size]
+    if key in _communicators:
+        if compare:
+            _compare_plans(_communicators[key], block, plan, group_timeout(group))
+        return _communicators[key]
     timeout = group_timeout(group)
     try:
         communicator = dist.new_group(
             block, timeout=timeout, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}"
         )
-        plans = [None] * size
+    except Exception as error:
+        raise RuntimeError(
+            f"bnfx: ranks {block} did not all rewrite for sync mode within the group's timeout ({timeout}): "
+            "every rank of a sync group must rewrite the same model with the same options "
+            f"(this rank: {plan}). {type(error).__name__}: {error}"
+        ) from error
+    _compare_plans(communicator, block, plan, timeout, destroy=True)
+    _communicators[key] = communicator
+    return communicator
+
+
+def _compare_plans(communicator: dist.ProcessGroup, block: list[int], plan: str, timeout, destroy=False) -> None:
+    """Raise on every rank of ``block`` unless they all show the same ``plan``."""
+    try:
+        plans = [None] * len(block)
         dist.all_gather_object(plans, plan, group=communicator)
     except Exception as error:
         raise RuntimeError(
@@ -95,11 +115,10 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: s
             f"(this rank: {plan}). {type(error).__name__}: {error}"
         ) from error
     if len(set(plans)) > 1:
-        dist.destroy_process_group(communicator)
+        if destroy:
+            dist.destroy_process_group(communicator)
         listing = "; ".join(f"rank {rank}: {p}" for rank, p in zip(block, plans))
         raise RuntimeError(
             f"bnfx: the ranks of sync group {block} rewrote differently, so their batch-norm collectives "
             f"would not match: {listing}. Rewrite the same model with the same options on every rank"
         )
-    _communicators[key] = communicator
-    return communicator

@@ -10,9 +10,12 @@ bnfx`` under another version warns once.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import inspect
 import logging
 import re
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -245,6 +248,57 @@ def size_hint(size):
 
 from torch._guards import detect_fake_mode  # noqa: E402  (the fake mode of a graph's values)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402  (no public path)
+
+
+# -- inductor's default decomposition table (torch._inductor.decomposition.decompositions): bnfx's
+# ops join it, so that every inductor compile of a graph holding them (a converted model under
+# torch.compile's default backend, AOTInductor) fuses their primitives with the layers around.
+# Importing inductor costs seconds: the table is extended when something else imports it.
+
+_INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
+
+
+def extend_inductor_decompositions(decompositions: dict) -> None:
+    """``decompositions`` in inductor's default table, now if inductor is loaded, else when it
+    loads (WARNING if a torch release moved the table: the ops then run opaque, correct)."""
+
+    def extend(module) -> None:
+        table = getattr(module, "decompositions", None)
+        if not isinstance(table, dict):
+            _missing(f"{_INDUCTOR_DECOMPOSITIONS}.decompositions",
+                     "under torch.compile's default backend bnfx's ops run opaque (correct, not fused); "
+                     'backend="bnfx" fuses them')
+            return
+        table.update(decompositions)
+
+    module = sys.modules.get(_INDUCTOR_DECOMPOSITIONS)
+    if module is not None:
+        extend(module)
+    else:
+        sys.meta_path.insert(0, _AfterImport(_INDUCTOR_DECOMPOSITIONS, extend))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then(module)`` once the module ``name`` has executed, wherever it is imported."""
+
+    def __init__(self, name: str, then: Callable) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def exec_then(module):
+            exec_module(module)
+            then(module)
+
+        spec.loader.exec_module = exec_then
+        return spec
 
 
 # -- compilers behind bnfx's backend: Dynamo's aot_eager, inductor with bnfx's decompositions

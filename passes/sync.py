@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from bnfx.functional import sync_batch_norm_module, sync_batch_norm_of, sync_own_forward
+from bnfx.ops.collective_tags import site_tag
+from bnfx.torch_internals import op_arguments
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import (
@@ -68,19 +71,43 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, groups: dict) -> f
         if reason:
             report.left_alone(site, reason)
             continue
-        name = f"sync_bn_{index}"
+        name, tag = f"sync_bn_{index}", site_tag(site.name)
         if site.form == "call_module":
-            replace_module_site(graph, site, (sync_batch_norm_module, sync_own_forward), (group.name,), name)
+            replace_module_site(graph, site, (sync_batch_norm_module, sync_own_forward), (group.name, tag), name)
         elif site.owner_path is not None:
-            warning = replace_owned_site(graph, site, sync_batch_norm_of, (group.name,), name)
+            warning = replace_owned_site(graph, site, sync_batch_norm_of, (group.name, tag), name)
             report.rewritten(site, "sync", f"over {group.size} ranks; {FOLLOWS_MODULE}", warning)
             continue
         else:
             op = torch.ops.bnfx.sync_batch_norm.default
-            replace_functional_site(graph, site, op, (site.momentum, site.eps, group.name), name)
+            replace_functional_site(graph, site, op, (site.momentum, site.eps, group.name, None, tag), name)
         report.rewritten(site, "sync", f"over {group.size} ranks")
+    for graph in graphs:
+        chain_sync_sites(graph.graph)
     recompile(graphs)
     return gm
+
+
+_SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
+
+
+def chain_sync_sites(graph: fx.Graph) -> None:
+    """Each ``bnfx::sync_batch_norm`` call of ``graph`` takes the previous one's ``order``
+    output (``bnfx.collective_order``): the collectives keep the graph's order (the program's)
+    under any compiler and scheduler, the backward's through the links' gradients."""
+    link = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "default", node.target) is not _SYNC_OP:
+            continue
+        arguments = op_arguments(_SYNC_OP)
+        values = dict(zip((a.name for a in arguments), node.args), **node.kwargs)
+        if link is not None:
+            values["order"] = link
+        node.target = _SYNC_OP
+        node.args = tuple(values.get(a.name, a.default_value if a.has_default_value() else None) for a in arguments)
+        node.kwargs = {}
+        with graph.inserting_after(node):
+            link = graph.call_function(operator.getitem, (node, len(_SYNC_OP._schema.returns) - 1))
 
 
 def _own_group(site, options):

@@ -160,31 +160,48 @@ def fake_input_grads(input: Tensor, weight):
     return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def register_autograd(op, backward_op, scalars: tuple[str, ...]) -> None:
+def register_autograd(op, backward_op, scalars: tuple[str, ...], order: tuple[str, str] | None = None) -> None:
     """Autograd for ``op``: the state outputs are not differentiable (their in-graph write-back
     must not give buffers a grad_fn), the saved outputs and ``scalars`` (argument names of
-    ``op``) are passed to ``backward_op``."""
+    ``op``) are passed to ``backward_op``.
+
+    ``order``: the names of ``op``'s chain arguments (the sync ops': ``("order", "site")``),
+    whose last output is the chain's next link. That output is differentiable: its gradient
+    (the next site's backward link) goes to ``backward_op`` with ``site``, and ``backward_op``'s
+    last output is the gradient of the ``order`` input, so the backward collectives chain in
+    the reverse order of the forward's."""
     names = [argument.name for argument in torch_internals.op_arguments(op)]
     positions = [names.index(name) for name in scalars]
+    order_at = None if order is None else names.index(order[0])
+    site_at = None if order is None else names.index(order[1])
+    saved_end = -1 if order is not None else None
 
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs[:3]
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.mark_non_differentiable(*output[1:saved_end])
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs backward ignores
-        ctx.save_for_backward(input, weight, *output[FIRST_SAVED:])
+        ctx.save_for_backward(input, weight, *output[FIRST_SAVED:saved_end])
         ctx.scalars = [inputs[i] for i in positions]
         ctx.has_bias = bias is not None
+        if order is not None:
+            ctx.site = inputs[site_at]
 
-    def backward(ctx, grad_out, *_state_grads):
+    def backward(ctx, grad_out, *other_grads):
         input, weight, *saved = ctx.saved_tensors
-        if grad_out is None:  # only the non-differentiable outputs were used
-            return (None,) * len(names)
-        grad_input, grad_weight, grad_bias = backward_op(grad_out, input, weight, *saved, *ctx.scalars)
+        grads = [None] * len(names)
+        if grad_out is None:  # only the non-differentiable outputs (or the chain's link) were used
+            if order is not None:
+                grads[order_at] = other_grads[-1]  # the link passes on to the earlier sites
+            return tuple(grads)
+        chain = () if order is None else (other_grads[-1], ctx.site)
+        grad_input, grad_weight, grad_bias, *link = backward_op(grad_out, input, weight, *saved, *ctx.scalars, *chain)
+        grads[0] = grad_input
         # None where weight or bias was None (the backward ops return empty tensors there)
-        if weight is None:
-            grad_weight = grad_bias = None
-        elif not ctx.has_bias:
-            grad_bias = None
-        return (grad_input, grad_weight, grad_bias) + (None,) * (len(names) - 3)
+        if weight is not None:
+            grads[1] = grad_weight
+            grads[2] = grad_bias if ctx.has_bias else None
+        if order is not None:
+            grads[order_at] = link[0]
+        return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -75,7 +75,7 @@ def register_double_backward(backward_op, normalized, scalars: tuple[str, ...]) 
         ctx.save_for_backward(grad_out, input, weight)
         ctx.scalars = [inputs[i] for i in positions]
 
-    def backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    def backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, *_order_grad):
         grad_out, input, weight = ctx.saved_tensors
         needed = ctx.needs_input_grad[:3]
         unused = (None,) * (len(names) - 3)

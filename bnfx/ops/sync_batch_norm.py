@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bnfx import torch_internals
 from bnfx.ops import batch_norm_contract as contract
-from bnfx.ops import device_kernels
+from bnfx.ops import collective_tags, device_kernels
 from bnfx.ops import higher_order_autograd as higher_order
 from bnfx.torch_internals import resolve_process_group
 
@@ -70,9 +70,9 @@ class _LocalKernels:
 
     # whether these are the differentiable composite's (``higher_order_autograd``)
     differentiable = False
-    # whether the all-reduce also carries the raw sums, so that the group's mean is a function
-    # of the reduced values alone, not of the shift (the running mean)
-    mean_from_sums = False
+    # whether they run inside a graph being compiled: the collective check asserts
+    # asynchronously (``collective_tags.check``)
+    traced = False
 
     @staticmethod
     def takes(input: Tensor) -> bool:
@@ -170,12 +170,7 @@ class _DecomposedKernels(_LocalKernels):
     (the normalization with the next ReLU, the gradient sums with the previous layer's
     backward), the all-reduces as functional collectives it schedules."""
 
-    # The saved mean must not depend on the running mean: inductor writes the new running mean
-    # into its buffer in the forward, and AOTAutograd's partitioner would save that buffer and
-    # recompute the mean from it in the backward, reading the new value (gradients off by the
-    # running-mean update). The mean from the reduced raw sums costs C more float64 values in
-    # the all-reduce; in float64 the raw sums keep the mean accurate far from zero.
-    mean_from_sums = True
+    traced = True
 
     @staticmethod
     def moments(input):
@@ -236,8 +231,29 @@ class _DifferentiableKernels(_DecomposedKernels):
         return higher_order.GroupSum.apply(sums, group_name)
 
 
-def _global_moments(local, input: Tensor, shift: Tensor, group_name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mean, biased_var, count)`` over the group, float64; one all-reduce."""
+def _world(group_name: str) -> int:
+    return dist.get_world_size(_group(group_name))
+
+
+def _reduce_checked(local, sums: Tensor, site: int, direction: str, order, group_name: str) -> tuple[Tensor, Tensor]:
+    """``(sums summed over the group, the order the next collective takes)``: one all-reduce of
+    ``sums`` with this collective's tags (``collective_tags``), checked on every rank."""
+    own = collective_tags.slots(site, direction, order, sums)
+    reduced = local.all_reduce(torch.cat([sums, own]), group_name)
+    world = _world(group_name)
+    collective_tags.check(reduced[-collective_tags.SLOTS:], own, world, site, direction, group_name, local.traced)
+    return reduced[: -collective_tags.SLOTS], collective_tags.next_order(reduced, world)
+
+
+def _global_moments(local, input: Tensor, shift: Tensor, group_name: str, site: int, order):
+    """``(mean, biased_var, count, next order)`` over the group, float64; one all-reduce of
+    ``[n, n (m - K), M2 + n (m - K)^2, n m]`` and the tags, the same layout in every kernel.
+
+    The mean comes from the raw sums, not from the shift (the running mean): inductor writes
+    the new running mean into its buffer in the forward, and AOTAutograd's partitioner would
+    save that buffer and recompute the mean from it in the backward, reading the new value. In
+    float64 the raw sums keep the mean accurate far from zero; the shifted sums keep the
+    variance."""
     channels = input.shape[1]
     count = input.numel() // channels
     if count == 0:  # a shape, known on the host: no synchronization
@@ -248,15 +264,13 @@ def _global_moments(local, input: Tensor, shift: Tensor, group_name: str) -> tup
     else:
         mean, m2 = local.moments(input)
     offset = mean - shift
-    parts = [offset.new_full((1,), count), offset * count, m2 + offset * offset * count]
-    if local.mean_from_sums:
-        parts.append(mean * count)
-    sums = local.all_reduce(torch.cat(parts), group_name)
+    parts = [offset.new_full((1,), count), offset * count, m2 + offset * offset * count, mean * count]
+    sums, order = _reduce_checked(local, torch.cat(parts), site, "forward", order, group_name)
     total = sums[:1]
     shifted_mean = sums[1 : 1 + channels] / total
     var = (sums[1 + channels : 1 + 2 * channels] / total - shifted_mean * shifted_mean).clamp(min=0)
-    mean = sums[1 + 2 * channels :] / total if local.mean_from_sums else shift + shifted_mean
-    return mean, var, total
+    mean = sums[1 + 2 * channels :] / total
+    return mean, var, total, order
 
 
 def _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum):
@@ -295,7 +309,7 @@ def _check_args(input, weight, bias, running_mean, running_var, num_batches_trac
 
 
 def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     group_name):
+                     group_name, order=None, site=0):
     if not kernels.differentiable:
         higher_order.refuse_tangents("sync_batch_norm", input, weight, bias)
     _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name)
@@ -306,11 +320,11 @@ def _sync_batch_norm(kernels, input, weight, bias, running_mean, running_var, nu
         if running_mean is not None
         else input.new_zeros(channels, dtype=torch.float64)
     )
-    mean, var, total = _global_moments(local, input, shift, group_name)
+    mean, var, total, order = _global_moments(local, input, shift, group_name, site, order)
     state = _new_state(running_mean, running_var, num_batches_tracked, mean, var, total, momentum)
     out = local.normalize(input, mean, var, weight, bias, eps)
     dtype = contract.stat_dtype(input)
-    return (out, *state, mean.to(dtype), var.to(dtype), total)
+    return (out, *state, mean.to(dtype), var.to(dtype), total, order)
 
 
 def _default_forward(
@@ -323,16 +337,23 @@ def _default_forward(
     momentum: float | None,
     eps: float,
     group_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    order: Tensor | None = None,
+    site: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training-mode batch norm with statistics over the process group named ``group_name``.
 
     Returns ``(out, new_running_mean, new_running_var, new_num_batches_tracked, save_mean,
-    save_var, count)``: the state outputs are empty when the matching input is None;
+    save_var, count, order)``: the state outputs are empty when the matching input is None;
     ``save_mean`` and ``save_var`` (biased) are the group's statistics [C], ``count`` [1] the
-    number of values per channel over the group, all three for the backward.
+    number of values per channel over the group, all three for the backward. ``order`` [1]
+    float64 is the previous sync collective's ``order`` output (None for the first): passing it
+    on chains the collectives, so that no compiler can reorder them (and its gradient chains
+    the backward's); ``site`` (``collective_tags.site_tag``) names the call in the mismatch
+    error.
     """
     return _sync_batch_norm(
-        _LocalKernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name
+        _LocalKernels, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name,
+        order, site,
     )
 
 
@@ -340,11 +361,13 @@ sync_batch_norm = device_kernels.custom_op("sync_batch_norm", _default_forward)
 
 
 @sync_batch_norm.register_fake
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name):
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name, order=None,
+      site=0):
     _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name)
     stats = input.new_empty(input.shape[1], dtype=contract.stat_dtype(input))
     state = contract.fake_state(input, running_mean, running_var, num_batches_tracked, empty_dtype=torch.float64)
-    return (torch.empty_like(input), *state, stats, torch.empty_like(stats), input.new_empty(1, dtype=torch.float64))
+    count = input.new_empty(1, dtype=torch.float64)
+    return (torch.empty_like(input), *state, stats, torch.empty_like(stats), count, torch.empty_like(count))
 
 
 def _check_backward_args(grad_out, input, weight, save_mean, save_var, count) -> None:
@@ -353,14 +376,20 @@ def _check_backward_args(grad_out, input, weight, save_mean, save_var, count) ->
     contract.check_backward_args(grad_out, input, weight, saved)
 
 
-def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name,
+                              order=None, site=0):
     _check_backward_args(grad_out, input, weight, save_mean, save_var, count)
     local = device_kernels.local_kernels(kernels, input)
     if input.numel() == 0:  # torch's kernel divides by the batch size
-        sum_dy, sum_dy_xhat = save_mean.new_zeros(input.shape[1]), save_mean.new_zeros(input.shape[1])
+        # zeros that are a function of grad_out: a compiler must not take them (and their
+        # all-reduce) for constants of the forward on an empty rank alone
+        sum_dy = grad_out.sum(_reduced_dims(grad_out), dtype=save_mean.dtype)
+        sum_dy_xhat = sum_dy.clone()
     else:
         sum_dy, sum_dy_xhat = local.grad_sums(grad_out, input, save_mean, save_var, eps)
-    sums = local.all_reduce(torch.stack([sum_dy, sum_dy_xhat]).to(save_mean.dtype), group_name)
+    sums = torch.cat([sum_dy, sum_dy_xhat]).to(save_mean.dtype)
+    sums, order = _reduce_checked(local, sums, site, "backward", order, group_name)
+    sums = sums.to(save_mean.dtype).view(2, -1)
     # dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd, means over
     # the group, written as dx = a dy - k (x - mean) + c with per-channel a, k, c.
     invstd = torch.rsqrt(save_var + eps)
@@ -368,8 +397,8 @@ def _sync_batch_norm_backward(kernels, grad_out, input, weight, save_mean, save_
     mean_dy, mean_dy_xhat = sums / count.to(sums.dtype)
     grad_input = local.grad_input(grad_out, input, save_mean, a, a * invstd * mean_dy_xhat, -a * mean_dy)
     if weight is None:
-        return grad_input, input.new_empty(0), input.new_empty(0)
-    return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
+        return grad_input, input.new_empty(0), input.new_empty(0), order
+    return grad_input, sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype), order
 
 
 def _default_backward(
@@ -381,14 +410,18 @@ def _default_backward(
     count: Tensor,
     eps: float,
     group_name: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sync_batch_norm's output: ``(grad_input, grad_weight, grad_bias)``.
+    order: Tensor | None = None,
+    site: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sync_batch_norm's output: ``(grad_input, grad_weight, grad_bias, order)``.
 
     ``grad_weight`` and ``grad_bias`` are this rank's share (data-parallel training sums or
-    averages them over ranks); empty when ``weight`` is None. One all-reduce of 2 C values.
+    averages them over ranks); empty when ``weight`` is None. One all-reduce of 2 C values and
+    the tags. ``order``: the gradient of the forward's ``order`` output (the position the next
+    site's backward passed on), the returned one the gradient of its ``order`` input.
     """
     return _sync_batch_norm_backward(
-        _LocalKernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name
+        _LocalKernels, grad_out, input, weight, save_mean, save_var, count, eps, group_name, order, site
     )
 
 
@@ -396,23 +429,26 @@ sync_batch_norm_backward = device_kernels.custom_op("sync_batch_norm_backward", 
 
 
 @sync_batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+def _(grad_out, input, weight, save_mean, save_var, count, eps, group_name, order=None, site=0):
     _check_backward_args(grad_out, input, weight, save_mean, save_var, count)
-    return contract.fake_input_grads(input, weight)
+    return (*contract.fake_input_grads(input, weight), count.new_empty(1))
 
 
-contract.register_autograd(sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"))
+contract.register_autograd(
+    sync_batch_norm, torch.ops.bnfx.sync_batch_norm_backward, ("eps", "group_name"), order=("order", "site")
+)
 
 
 def sync_batch_norm_decomposition(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                  group_name):
+                                  group_name, order=None, site=0):
     return _sync_batch_norm(_DecomposedKernels, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                            momentum, eps, group_name)
+                            momentum, eps, group_name, order, site)
 
 
-def sync_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_var, count, eps, group_name):
+def sync_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_var, count, eps, group_name,
+                                           order=None, site=0):
     return _sync_batch_norm_backward(_DecomposedKernels, grad_out, input, weight, save_mean, save_var, count, eps,
-                                     group_name)
+                                     group_name, order, site)
 
 
 # Without functional collectives (torch_internals says so) inductor calls the op as it is.
@@ -423,9 +459,9 @@ DECOMPOSITIONS = {
 
 # Double backward and forward-mode AD: the decomposition with differentiable all-reduces.
 def sync_batch_norm_composite(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              group_name):
+                              group_name, order=None, site=0):
     return _sync_batch_norm(_DifferentiableKernels, input, weight, bias, running_mean, running_var,
-                            num_batches_tracked, momentum, eps, group_name)
+                            num_batches_tracked, momentum, eps, group_name, order, site)
 
 
 def _normalized(input, weight, eps, group_name):
