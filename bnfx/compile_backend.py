@@ -64,8 +64,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options):
     graph_reports.append(report)
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     log.info(
-        "bnfx graph %d: %d batch-norm sites found, %d rewritten (%s%s)",
-        next(_graph_ids), report.found, report.rewritten_count, opts.describe(),
+        "bnfx graph %d: %s; options %s%s",
+        next(_graph_ids), report.summary(), opts.describe(),
         f"; {ENVIRONMENT_VARIABLE}={from_environment!r}" if from_environment else "",
     )
     return _inner_compile(opts.inner, gm, example_inputs, opts.compile_mode)

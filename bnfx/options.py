@@ -61,6 +61,8 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
         raise ValueError(f"ghost_batch_size must be a positive int, got {ghost!r}")
     if sync is not None and not (isinstance(sync, (bool, str, dist.ProcessGroup)) or _not_a_member(sync)):
         raise TypeError(f"sync must be a bool, a ProcessGroup or a process group name, got {sync!r}")
+    if isinstance(sync, str):
+        _check_group_name(sync)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if not isinstance(freeze, bool):
@@ -91,6 +93,22 @@ def resolve_options(options: dict[str, Any], *, backend: bool = False) -> Option
                        compile_mode=compile_mode)
     return Options("sync", sync=True if sync is None else sync, group_size=group_size, freeze=freeze, inner=inner,
                    compile_mode=compile_mode)
+
+
+def _check_group_name(name: str) -> None:
+    """A ``sync`` string must name a process group of this process."""
+    from bnfx.torch_internals import resolve_process_group
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            resolve_process_group(name)
+            return
+        except Exception:  # noqa: BLE001 - torch's lookup error; ours names the option
+            where = "names no process group of this process"
+    else:
+        where = "names a process group, but no process group is initialized"
+    flag = " (a flag is sync=True or sync=False, not a string)" if name.lower() in ("true", "false", "1", "0") else ""
+    raise ValueError(f"sync={name!r} {where}{flag}")
 
 
 def _not_a_member(sync) -> bool:

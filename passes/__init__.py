@@ -22,7 +22,7 @@ def run_passes(gm: fx.GraphModule, options, groups: dict | None = None) -> Repor
     """
     report = Report()
     for site in rewritten_sites(gm):  # a rewrite before this one: reported, never rewritten twice
-        report.rewritten(site, site.action, site.detail)
+        report.made_earlier(site, site.action, "bnfx.convert or a rewrite before", options, site.ghost_batch_size)
     if options.mode == "ghost":
         rewrite_ghost(gm, options, report)
     else:

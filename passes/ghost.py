@@ -21,7 +21,7 @@ def rewrite_ghost(gm: fx.GraphModule, options, report: Report) -> fx.GraphModule
     # Sites are matched one at a time: a rewrite changes the arguments of later sites.
     sites = (match_site(graph, node) for graph in graphs for node in list(graph.graph.nodes))
     for index, site in enumerate(site for site in sites if site is not None):
-        if report_converted(site, report):
+        if report_converted(site, report, options):
             continue
         reason = unsupported(site)
         if reason:

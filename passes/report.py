@@ -22,6 +22,7 @@ class SiteRecord:
     action: str  # "ghost", "sync", "frozen", "folded", or "left alone"
     reason: str = ""
     warning: str = ""  # what a rewritten site does not do as asked, said at WARNING level
+    earlier: bool = False  # made by bnfx.convert or an earlier rewrite: computes with its own options
 
     @property
     def stays_plain(self) -> bool:
@@ -40,6 +41,20 @@ class Report:
         self.records.append(SiteRecord(site.name, site.form, action, detail + (f"; {warning}" if warning else ""),
                                        warning))
 
+    def made_earlier(self, site, action: str, origin: str, asked, ghost_batch_size: int | None = None) -> None:
+        """A site ``origin`` (``bnfx.convert``, an earlier rewrite) made: it computes ``action``
+        ("ghost" with ``ghost_batch_size``, "sync", "frozen"), never what this rewrite's options
+        ``asked`` say; where those ask for something else, the record carries a warning."""
+        made = f"ghost_batch_size={ghost_batch_size}" if action == "ghost" else action
+        wanted = "frozen" if asked.freeze else asked.mode
+        same = action == wanted and (action != "ghost" or ghost_batch_size == asked.ghost_batch_size)
+        warning = "" if same else (
+            f"made by {origin} with {made}, which it keeps: this rewrite's {asked.describe()} does not apply "
+            "(bnfx.revert a converted model first to rewrite it)")
+        self.records.append(SiteRecord(site.name, site.form, action,
+                                       f"made by {origin}: {made}" + (f"; {warning}" if warning else ""),
+                                       warning, earlier=True))
+
     def left_alone(self, site, reason: str, warning: str = "") -> None:
         self.records.append(SiteRecord(site.name, site.form, "left alone", reason, warning))
 
@@ -49,7 +64,18 @@ class Report:
 
     @property
     def rewritten_count(self) -> int:
+        """The sites that compute bnfx's batch norm, converted ones included."""
         return sum(r.action != "left alone" for r in self.records)
+
+    @property
+    def earlier_count(self) -> int:
+        return sum(r.earlier for r in self.records)
+
+    def summary(self) -> str:
+        """"20 batch-norm sites, 20 rewritten (20 of them made earlier, with their own options)"."""
+        earlier = f" ({self.earlier_count} of them made earlier, by bnfx.convert or a rewrite, with their own " \
+            "options)" if self.earlier_count else ""
+        return f"{self.found} batch-norm sites, {self.rewritten_count} {self.done}{earlier}"
 
     @property
     def plain(self) -> list[SiteRecord]:
@@ -86,4 +112,4 @@ class Report:
     def __str__(self) -> str:
         rows = [(r.name, r.form, r.action, r.reason) for r in self.records]
         table = tabulate(rows, headers=["site", "IR form", "action", "detail"], tablefmt="simple")
-        return f"{table}\n{self.found} batch-norm sites, {self.rewritten_count} {self.done}"
+        return f"{table}\n{self.summary()}"

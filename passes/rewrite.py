@@ -47,16 +47,17 @@ def site_conversion(site: BatchNormSite):
     return None if site.module is None else conversion_of(site.module)
 
 
-def report_converted(site: BatchNormSite, report) -> bool:
+def report_converted(site: BatchNormSite, report, options) -> bool:
     """A module ``bnfx.convert`` converted computes bnfx's batch norm itself: reported as such,
-    never rewritten again (True), whatever the options of this rewrite."""
+    never rewritten again (True), whatever the options of this rewrite; where they ask for
+    something else, the record carries a warning saying so."""
     conversion = site_conversion(site)
     if conversion is None:
         return False
     if conversion.action is None:
         report.left_alone(site, conversion.reason)
     else:
-        report.rewritten(site, conversion.action, "converted by bnfx.convert")
+        report.made_earlier(site, conversion.action, "bnfx.convert", options, conversion.ghost_batch_size)
     return True
 
 

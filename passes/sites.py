@@ -232,7 +232,7 @@ class RewrittenSite:
     name: str
     form: str
     action: str  # "ghost", "sync", "frozen"
-    detail: str
+    ghost_batch_size: int | None = None
 
 
 def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
@@ -255,14 +255,13 @@ def rewritten_sites(gm: fx.GraphModule) -> list[RewrittenSite]:
             if op in (B.ghost_batch_norm.default, B.sync_batch_norm.default):
                 a = schema_arguments(op, node.args, node.kwargs)
                 ghost = op is B.ghost_batch_norm.default
-                detail = f"ghost_batch_size={a['ghost_batch_size']}" if ghost else f"group {a['group_name']}"
                 form = str(op).removesuffix(".default")
                 found.append(RewrittenSite(module_path(node), form, "ghost" if ghost else "sync",
-                                           f"rewritten before: {detail}"))
+                                           a["ghost_batch_size"] if ghost else None))
             elif node.target in by_function:
                 action, size_at = by_function[node.target]
                 module = node.args[0]
                 name = module.target if isinstance(module, fx.Node) and module.op == "get_attr" else node.name
-                detail = "rewritten before" + (f": ghost_batch_size={node.args[size_at]}" if size_at else "")
-                found.append(RewrittenSite(name, node.target.__name__, action, detail))
+                size = node.args[size_at] if size_at else None
+                found.append(RewrittenSite(name, node.target.__name__, action, size))
     return found

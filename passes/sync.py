@@ -56,7 +56,7 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, groups: dict) -> f
     # Sites are matched again one at a time: a rewrite changes the arguments of later sites.
     for index, site in enumerate(match_site(graph, node) for graph, node in nodes):
         graph = site.node.graph.owning_module
-        if report_converted(site, report):
+        if report_converted(site, report, options):
             continue
         if _freezes(site, options):
             freeze_site(graph, site, f"frozen_bn_{index}")

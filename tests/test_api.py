@@ -67,7 +67,7 @@ def test_compiled_training_updates_users_state_dict_under_original_keys(caplog):
     assert list(model.state_dict()) == keys
     assert model[1].num_batches_tracked.item() == 2 * 3
     assert not torch.equal(model[1].running_mean, before)
-    assert "1 batch-norm sites found, 1 rewritten (ghost_batch_size=4)" in caplog.text
+    assert "1 batch-norm sites, 1 rewritten; options ghost_batch_size=4" in caplog.text
 
 
 def test_backend_name_works_in_a_fresh_interpreter_without_import():
@@ -156,7 +156,7 @@ def test_options_from_the_environment_reach_every_graph(monkeypatch, caplog):
         torch.testing.assert_close(torch.compile(model, backend="bnfx")(x), reference(x))
     reports = compile_backend.graph_reports[first:]
     assert [r.rewritten_count for r in reports] == [1, 1]
-    assert caplog.text.count("rewritten (ghost_batch_size=2; BNFX_OPTIONS='ghost_batch_size=2, inner=aot_eager')") == 2
+    assert caplog.text.count("rewritten; options ghost_batch_size=2; BNFX_OPTIONS='ghost_batch_size=2, inner=aot_eager'") == 2
     assert model.bn2.num_batches_tracked.item() == 3
     # the code's options override the environment's, key by key
     torch._dynamo.reset()
@@ -189,3 +189,13 @@ def test_bad_options_from_the_environment_are_the_same_errors(monkeypatch, value
         torch.compile(model, backend="bnfx")(torch.randn(6, 3))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("name", ["true", "no-such-group"])
+def test_a_sync_string_that_names_no_group_raises(name):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match=f"sync='{name}' names a process group, but no process group is initialized"):
+        bnfx.convert(model, sync=name)
+    with pytest.raises(ValueError, match="a flag is sync=True or sync=False" if name == "true" else "sync="):
+        bnfx.transform(model, sync=name)
+    assert "forward" not in vars(model[0])  # nothing converted

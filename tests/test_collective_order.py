@@ -29,13 +29,20 @@ def test_a_compiler_that_reorders_on_each_rank_changes_nothing(name, door):
     run_world(workers.steps_equal, 2, name, door, UNEVEN, timeout=400)
 
 
-@pytest.mark.parametrize("door", ["convert-inductor", "ddp-convert-inductor", "backend-inductor"])
-def test_inductor_keeps_every_rank_in_step(door):
-    run_world(workers.steps_equal, 2, "branchy", door, UNEVEN, timeout=600)
+# torch.compile's convolution backward fails on an empty batch (plain models too): the empty
+# rank is tried on a model of linear layers, the issue's own
+INDUCTOR_CASES = [("branchy", UNEVEN[:3]), ("mlp", [(5, 3), (4, 0)])]
+
+
+@pytest.mark.parametrize("door", ["convert-inductor", "ddp-convert-inductor", "backend-inductor",
+                                  "ddp-backend-inductor"])
+@pytest.mark.parametrize("name, layouts", INDUCTOR_CASES, ids=[name for name, _ in INDUCTOR_CASES])
+def test_inductor_keeps_every_rank_in_step(door, name, layouts):
+    run_world(workers.steps_equal, 2, name, door, layouts, timeout=600)
 
 
 def test_max_autotune_keeps_every_rank_in_step():
-    run_world(workers.steps_equal, 2, "branchy", "convert-max-autotune", UNEVEN[2:], timeout=600)
+    run_world(workers.steps_equal, 2, "branchy", "convert-max-autotune", [(7, 1)], timeout=600)
 
 
 @pytest.mark.parametrize("mode", ["sync", "ghost"])

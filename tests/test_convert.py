@@ -3,6 +3,7 @@ compiled with any backend, exported, copied and pickled; ``bnfx.revert`` undoes 
 
 import copy
 import io
+import logging
 import pickle
 
 import pytest
@@ -50,17 +51,24 @@ def test_ghost_equals_the_chunk_loop(kind, door):
     assert len(compile_backend.graph_reports) == first  # no bnfx backend involved
 
 
-def test_compiled_with_the_bnfx_backend_nothing_is_rewritten_twice():
+def test_compiled_with_the_bnfx_backend_nothing_is_rewritten_twice(caplog):
     model = models()["2d"].double()
     reference = chunk_loop_model(model, GHOST)
     bnfx.convert(model, ghost_batch_size=GHOST)
     first = len(compile_backend.graph_reports)
     net = torch.compile(model, backend=bnfx.backend(ghost_batch_size=2, inner="aot_eager"), fullgraph=True)
-    assert_steps_equal(model, reference, net, [torch.randn(10, 3, 6, 6, dtype=torch.float64)])
+    with caplog.at_level(logging.INFO, logger="bnfx"):
+        assert_steps_equal(model, reference, net, [torch.randn(10, 3, 6, 6, dtype=torch.float64)])
     records = [r for report in compile_backend.graph_reports[first:] for r in report]
-    assert [r.action for r in records] == ["ghost", "ghost"] and all("before" in r.reason for r in records), records
+    assert [r.action for r in records] == ["ghost", "ghost"] and all(r.earlier for r in records), records
+    # what ran, said by the log line and the report alike, and the options that did not apply warned
+    assert "2 batch-norm sites, 2 rewritten (2 of them made earlier" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"with ghost_batch_size={GHOST}, which it keeps: this rewrite's ghost_batch_size=2 does not apply"
+               in w for w in warnings), warnings
     report = bnfx.explain(model, ghost_batch_size=2)  # the transform door says the same
-    assert [r.reason for r in report] == ["converted by bnfx.convert"] * 2
+    assert all(r.reason.startswith(f"made by bnfx.convert: ghost_batch_size={GHOST}; ") for r in report), report
+    assert all("does not apply" not in r.reason for r in bnfx.explain(model, ghost_batch_size=GHOST))
 
 
 def test_convert_twice_then_revert_gives_back_the_original():
