@@ -9,7 +9,9 @@ mobilenet_v3_small (10 classes) on [batch, 3, size, size] images, and an MLP
 
 1. Ghost, one process: plain eager against ghost eager (``bnfx.convert(model,
    ghost_batch_size=G)``), and plain compiled (inductor) against ghost compiled
-   (``bnfx.backend(ghost_batch_size=G, inner="inductor")``). Every variant trains on the same
+   (``bnfx.backend(ghost_batch_size=G, inner="inductor")``) and against the converted model
+   compiled by torch.compile's default backend (``torch.compile(bnfx.convert(model,
+   ghost_batch_size=G))``, what Lightning and timm users do). Every variant trains on the same
    batch; after 2 warm-up steps each (compiles happen there) every round runs each variant
    once, back to back: --reps rounds, or more where rounds are short (--seconds of them).
    Prints each variant's median step and the median over rounds of each round's ghost/plain
@@ -18,7 +20,8 @@ mobilenet_v3_small (10 classes) on [batch, 3, size, size] images, and an MLP
    enough), every variant under DDP: local batch norm; the floor, local batch norm plus the
    collectives sync batch norm needs (sync_bn.with_sync_points); ``bnfx.convert(model,
    sync=True)``; and compiled, the floor under inductor against ``torch.compile(DDP(model),
-   backend="bnfx", options={"sync": True})``. Each timed step starts after a barrier. Prints
+   backend="bnfx", options={"sync": True})`` and against ``torch.compile(DDP(bnfx.convert(model,
+   sync=True)))`` (the default backend). Each timed step starts after a barrier. Prints
    rank 0's median step, the median per-round ratio to the floor and to local batch norm
    (compiled rows: to the compiled floor only), and the gloo collectives per step.
 
@@ -136,6 +139,8 @@ def ghost_variants(model: nn.Module, args) -> dict:
         variants["ghost compiled"] = torch.compile(
             copy.deepcopy(model), backend=bnfx.backend(ghost_batch_size=args.ghost, inner="inductor")
         )
+        converted = bnfx.convert(copy.deepcopy(model), ghost_batch_size=args.ghost)
+        variants["convert then compiled"] = torch.compile(converted)
     return variants
 
 
@@ -149,6 +154,9 @@ def ghost_row(name: str, args) -> list:
     for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
         plain, ghost = times[f"plain {mode}"], times[f"ghost {mode}"]
         row += [median_ms(plain), median_ms(ghost), per_round_ratio(ghost, plain)]
+    if not args.no_compile:
+        converted = times["convert then compiled"]
+        row += [median_ms(converted), per_round_ratio(converted, times["plain compiled"])]
     return row
 
 
@@ -156,7 +164,8 @@ def run_ghost(args) -> None:
     rows = [ghost_row(name, args) for name in args.models]
     headers = ["model", "rounds", "plain eager ms", "ghost eager ms", "ghost/plain eager"]
     if not args.no_compile:
-        headers += ["plain compiled ms", "ghost compiled ms", "ghost/plain compiled"]
+        headers += ["plain compiled ms", "ghost compiled ms", "ghost/plain compiled", "convert then compiled ms",
+                    "convert then compiled/plain compiled"]
     print(
         f"ghost train step, one process, {torch.get_num_threads()} threads, batch {args.batch} "
         f"({args.batch}x3x{args.size}x{args.size} images, {args.batch}x{MLP_FEATURES} MLP), "
@@ -180,6 +189,7 @@ def sync_variants(name: str, args, floor_group) -> dict:
         variants["sync compiled"] = torch.compile(
             DDP(copy.deepcopy(model)), backend="bnfx", options={"sync": True}
         )
+        variants["convert then compiled"] = torch.compile(DDP(bnfx.convert(copy.deepcopy(model), sync=True)))
     return variants
 
 

@@ -261,5 +261,8 @@ def _unchanged(name: str, arguments: dict[str, Any], input: Tensor) -> Tensor:
         return input.new_empty(0, dtype=torch.uint8)
     if name == "count":
         return input.new_empty(1, dtype=torch.float64)
+    if name == "order":  # no collective here: the chain's link passes on as it came
+        order = arguments.get("order")
+        return input.new_zeros(1, dtype=torch.float64) if order is None else order.clone()
     state = arguments.get(_STATE_ARGUMENTS[name])
     return input.new_empty(0) if state is None else state.clone()

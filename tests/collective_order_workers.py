@@ -187,9 +187,11 @@ def mismatched(rank: int, world_size: int, mismatch: str) -> dict[str, object]:
                 net.long[1].forward = lambda x: x
             net = torch.compile(net, backend="aot_eager") if rank == 0 else net
         elif mismatch == "backend-against-convert":
-            net = torch.compile(net, backend="bnfx", options={"sync": True, "inner": "aot_eager"}) if rank == 0 \
-                else bnfx.convert(net, sync=True)
-            if rank == 1:
+            converted = bnfx.convert(model("branchy")[0], sync=True)  # (the ranks' conversions agree)
+            if rank == 0:
+                net = torch.compile(net, backend="bnfx", options={"sync": True, "inner": "aot_eager"})
+            else:
+                net = converted
                 net.short[1].forward = lambda x: x
         x = torch.randn(3 + rank, *shape, dtype=torch.float64)
         out = net(x)

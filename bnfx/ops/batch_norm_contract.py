@@ -4,7 +4,8 @@ outputs of the fake kernels, and the autograd set-up.
 Every forward op takes ``(input, weight, bias, running_mean, running_var,
 num_batches_tracked, ...)`` and returns ``(out, new_running_mean, new_running_var,
 new_num_batches_tracked, *saved)``; its backward op takes ``(grad_out, input, weight,
-*saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``. The output layout
+*saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``. The sync ops add
+the chain of sync collectives: an ``order`` input and a last output, in both directions. The output layout
 is declared here once (``output_names``), read by the passes, the run-time functions,
 population statistics and the autograd set-up; the C++ side's ``kFirstSavedOutput``
 (``csrc/op_support_cpu.h``) is compared with ``FIRST_SAVED`` by a test.
@@ -28,9 +29,14 @@ SAVED = {
 }
 
 
+# After the saved outputs, the sync op's link in the chain of sync collectives (its next
+# ``order`` input; ``bnfx.collective_order``).
+CHAINED = {"sync_batch_norm": ("order",)}
+
+
 def output_names(op_name: str) -> tuple[str, ...]:
     """The outputs of the bnfx op ``op_name`` ("ghost_batch_norm", ...), by name, in order."""
-    return ("out", *NEW_STATE, *SAVED[op_name])
+    return ("out", *NEW_STATE, *SAVED[op_name], *CHAINED.get(op_name, ()))
 
 
 def output_index(name: str) -> int:
