@@ -88,8 +88,9 @@ def triton_matches_cpu_op(rank: int, world_size: int, sizes, shape, dtype, chann
     assert got[0].dtype == dtype and got[0].stride() == x.stride()
     for g, w in zip(got[1:], want[1:]):  # statistics: float32 from the same values
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    got_grads = _run("triton", "backward", dy, x, weight, *got[4:], 1e-5, group)
-    want_grads = _run("cpu-extension", "backward", dy.float(), reference_x, weight, *want[4:], 1e-5, group)
+    # the saved statistics, not the chain's link (the last output)
+    got_grads = _run("triton", "backward", dy, x, weight, *got[4:7], 1e-5, group)
+    want_grads = _run("cpu-extension", "backward", dy.float(), reference_x, weight, *want[4:7], 1e-5, group)
     assert got_grads[0].dtype == dtype
     for g, w in zip(got_grads[1:], want_grads[1:]):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
@@ -197,8 +198,8 @@ def low_precision_errors(rank: int, world_size: int, dtype, sizes) -> dict[str, 
     group = dist.group.WORLD.group_name
     for kernel in KERNELS_AND_DECOMPOSITION:
         zeros = torch.zeros(channels)
-        out, _, running_var, _, *saved = _run(kernel, "forward", x, weight, bias, zeros, zeros.clone(), None, 1.0,
-                                              1e-5, group)
+        out, _, running_var, _, *saved, _link = _run(kernel, "forward", x, weight, bias, zeros, zeros.clone(), None,
+                                                     1.0, 1e-5, group)
         grad, *_ = _run(kernel, "backward", dy, x, weight, *saved, 1e-5, group)
         result[kernel] = errors(out, grad, running_var)
     return result
