@@ -10,7 +10,6 @@ from torch import fx
 
 from bnfx.functional import sync_batch_norm_module, sync_batch_norm_of, sync_own_forward
 from bnfx.ops.collective_tags import site_tag
-from bnfx.torch_internals import op_arguments
 from bnfx.passes.freeze import freeze_site, has_running_stats
 from bnfx.passes.report import Report
 from bnfx.passes.rewrite import (
@@ -19,6 +18,7 @@ from bnfx.passes.rewrite import (
 )
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
+from bnfx.torch_internals import op_arguments
 
 
 @dataclass(frozen=True)

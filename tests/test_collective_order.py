@@ -88,7 +88,8 @@ def test_a_mismatch_names_both_sites():
     first, second = collective_tags.site_tag("layer1.0.bn1"), collective_tags.site_tag("layer1.0.downsample.1")
     own = collective_tags.slots(first, "forward", None, torch.zeros(1))
     peer = collective_tags.slots(second, "forward", None, torch.zeros(1))
-    with pytest.raises(RuntimeError, match=r"forward all-reduce of site 'layer1\.0\.bn1'.*site 'layer1\.0\.downsample\.1'"):
+    named = r"forward all-reduce of site 'layer1\.0\.bn1'.*site 'layer1\.0\.downsample\.1'"
+    with pytest.raises(RuntimeError, match=named):
         collective_tags.check(own + peer, own, 2, first, "forward", "g", traced=False)
     collective_tags.check(own * 2, own, 2, first, "forward", "g", traced=False)  # matched: nothing raised
     backward = collective_tags.slots(first, "backward", None, torch.zeros(1))

@@ -5,8 +5,8 @@ Every forward op takes ``(input, weight, bias, running_mean, running_var,
 num_batches_tracked, ...)`` and returns ``(out, new_running_mean, new_running_var,
 new_num_batches_tracked, *saved)``; its backward op takes ``(grad_out, input, weight,
 *saved, *scalars)`` and returns ``(grad_input, grad_weight, grad_bias)``. The sync ops add
-the chain of sync collectives: an ``order`` input and a last output, in both directions. The output layout
-is declared here once (``output_names``), read by the passes, the run-time functions,
+the chain of sync collectives: an ``order`` input and a last output, in both directions.
+The output layout is declared here once (``output_names``), read by the passes, the run-time functions,
 population statistics and the autograd set-up; the C++ side's ``kFirstSavedOutput``
 (``csrc/op_support_cpu.h``) is compared with ``FIRST_SAVED`` by a test.
 """
