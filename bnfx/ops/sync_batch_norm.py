@@ -3,20 +3,23 @@
 Every rank gets what one process computes on the concatenation of all ranks' batches,
 uneven and empty batches included. The group travels by name (``group.group_name``).
 
-Statistics, one all-reduce of ``2 C + 1`` float64 values per forward:
+Statistics, one all-reduce of ``3 C + 1`` float64 values per forward (and the 3 values that
+say which collective it is, ``collective_tags``; the ``order`` argument chains the calls,
+``bnfx.collective_order``):
 
 1. each rank computes its count n, mean m and sum of squared deviations M2 per channel,
    in float64 (C++ on CPU, Triton's float64 merge of shifted fp32 partials on CUDA; the
    default body: torch.var in the statistics dtype and a float64 sum for the mean);
 2. it turns them into sums shifted by K, the running mean (identical on every rank, and
    close to the batch mean once training has started; 0 without running statistics):
-   ``[n, n (m - K), M2 + n (m - K)^2]`` in float64;
-3. one all-reduce sums them, and ``mean = K + S1 / N``, ``var = S2 / N - (S1 / N)^2``.
+   ``[n, n (m - K), M2 + n (m - K)^2, n m]`` in float64;
+3. one all-reduce sums them, and ``mean = S3 / N`` (the raw sums: the same in every kernel,
+   and no function of the running mean), ``var = S2 / N - (S1 / N)^2``.
 
 Raw sums of x and x^2 in float32 lose the variance when the mean is large against the
 spread (1e4 + 1e-2 randn: every digit cancels); shifting and float64 keep it. Counts stay
 tensors throughout: no ``.item()``, no host synchronization, and an empty rank contributes
-zeros. The backward all-reduces ``[sum(dy), sum(dy * x_hat)]`` (2 C values) once.
+zeros. The backward all-reduces ``[sum(dy), sum(dy * x_hat)]`` (2 C values, and the 3) once.
 
 The collectives are the op's own, on every device (gloo for CPU tensors, NCCL for CUDA).
 The op's layers, in dispatch order:
