@@ -83,24 +83,28 @@ def _communicator(group: dist.ProcessGroup, ranks: list[int], size: int, plan: s
     key = (group.group_name, size)
     index = ranks.index(dist.get_rank()) // size
     block = ranks[index * size : (index + 1) * size]
+    timeout = group_timeout(group)
     if key in _communicators:
         if compare:
-            _compare_plans(_communicators[key], block, plan, group_timeout(group))
+            _compare_plans(_communicators[key], block, plan, timeout)
         return _communicators[key]
-    timeout = group_timeout(group)
     try:
         communicator = dist.new_group(
             block, timeout=timeout, use_local_synchronization=True, group_desc=f"bnfx_sync_{index}"
         )
     except Exception as error:
-        raise RuntimeError(
-            f"bnfx: ranks {block} did not all rewrite for sync mode within the group's timeout ({timeout}): "
-            "every rank of a sync group must rewrite the same model with the same options "
-            f"(this rank: {plan}). {type(error).__name__}: {error}"
-        ) from error
+        raise _absent_ranks(block, timeout, plan, error) from error
     _compare_plans(communicator, block, plan, timeout, destroy=True)
     _communicators[key] = communicator
     return communicator
+
+
+def _absent_ranks(block: list[int], timeout, plan: str, error: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"bnfx: ranks {block} did not all rewrite for sync mode within the group's timeout ({timeout}): "
+        "every rank of a sync group must rewrite the same model with the same options "
+        f"(this rank: {plan}). {type(error).__name__}: {error}"
+    )
 
 
 def _compare_plans(communicator: dist.ProcessGroup, block: list[int], plan: str, timeout, destroy=False) -> None:
@@ -109,11 +113,7 @@ def _compare_plans(communicator: dist.ProcessGroup, block: list[int], plan: str,
         plans = [None] * len(block)
         dist.all_gather_object(plans, plan, group=communicator)
     except Exception as error:
-        raise RuntimeError(
-            f"bnfx: ranks {block} did not all rewrite for sync mode within the group's timeout ({timeout}): "
-            "every rank of a sync group must rewrite the same model with the same options "
-            f"(this rank: {plan}). {type(error).__name__}: {error}"
-        ) from error
+        raise _absent_ranks(block, timeout, plan, error) from error
     if len(set(plans)) > 1:
         if destroy:
             dist.destroy_process_group(communicator)

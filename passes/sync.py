@@ -18,7 +18,7 @@ from bnfx.passes.rewrite import (
 )
 from bnfx.passes.sites import find_sites, match_site
 from bnfx.passes.subgraphs import graph_modules, recompile
-from bnfx.torch_internals import op_arguments
+from bnfx.torch_internals import op_arguments, op_schema
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ def rewrite_sync(gm: fx.GraphModule, options, report: Report, groups: dict) -> f
 
 
 _SYNC_OP = torch.ops.bnfx.sync_batch_norm.default
+_SYNC_ARGUMENTS = op_arguments(_SYNC_OP)
+_LINK = len(op_schema(_SYNC_OP).returns) - 1  # the op's last output: the chain's next link
 
 
 def chain_sync_sites(graph: fx.Graph) -> None:
@@ -99,15 +101,15 @@ def chain_sync_sites(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or getattr(node.target, "default", node.target) is not _SYNC_OP:
             continue
-        arguments = op_arguments(_SYNC_OP)
-        values = dict(zip((a.name for a in arguments), node.args), **node.kwargs)
+        values = dict(zip((a.name for a in _SYNC_ARGUMENTS), node.args), **node.kwargs)
         if link is not None:
             values["order"] = link
         node.target = _SYNC_OP
-        node.args = tuple(values.get(a.name, a.default_value if a.has_default_value() else None) for a in arguments)
+        node.args = tuple(values.get(a.name, a.default_value if a.has_default_value() else None)
+                          for a in _SYNC_ARGUMENTS)
         node.kwargs = {}
         with graph.inserting_after(node):
-            link = graph.call_function(operator.getitem, (node, len(_SYNC_OP._schema.returns) - 1))
+            link = graph.call_function(operator.getitem, (node, _LINK))
 
 
 def _own_group(site, options):
