@@ -11,6 +11,8 @@
 The ``bnfx`` command (demo, inspect, export) is ``bnfx.cli``.
 """
 
+__version__ = "0.1.0"  # (read by the packaging, and in bnfx's compile cache keys)
+
 import torch
 
 import bnfx.ops  # noqa: F401  (registers torch.ops.bnfx.*)
@@ -26,6 +28,6 @@ from bnfx.transform import explain, trace, transform
 check_torch_version(torch.__version__)
 
 __all__ = [
-    "Options", "Report", "backend", "convert", "explain", "explain_convert", "explain_fold", "find_sites", "fold",
-    "recompute_statistics", "resolve_options", "revert", "trace", "transform",
+    "__version__", "Options", "Report", "backend", "convert", "explain", "explain_convert", "explain_fold",
+    "find_sites", "fold", "recompute_statistics", "resolve_options", "revert", "trace", "transform",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from bnfx import frame_watch, torch_internals
+from bnfx import compile_cache, frame_watch, torch_internals
 from bnfx.options import ENVIRONMENT_VARIABLE, Options, resolve_backend_options
 from bnfx.passes import Report
 from bnfx.rewriting import rewrite_graph
@@ -80,6 +80,8 @@ def _inner_compile(inner, gm: fx.GraphModule, example_inputs: list[Any], mode: s
         return torch_internals.aot_eager_compile(gm, example_inputs)
     from bnfx.ops import DECOMPOSITIONS
 
-    # Inductor sees bnfx ops as primitives, which it fuses with their neighbours (the AOTAutograd
-    # cache stays off for bnfx graphs; inductor's own cache keys on the decomposed graph).
-    return torch_internals.inductor_compile(gm, example_inputs, mode, DECOMPOSITIONS)
+    # Inductor's default table holds bnfx's decompositions: it fuses their primitives with their
+    # neighbours. torch's caches key on bnfx's fingerprint (what the graph does not show), kept
+    # in the process's tag: the backward compiles later, out of any scope.
+    compile_cache.add_fingerprint(DECOMPOSITIONS)
+    return torch_internals.inductor_compile(gm, example_inputs, mode)

@@ -258,9 +258,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402  (no pu
 _INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
 
 
-def extend_inductor_decompositions(decompositions: dict) -> None:
-    """``decompositions`` in inductor's default table, now if inductor is loaded, else when it
-    loads (WARNING if a torch release moved the table: the ops then run opaque, correct)."""
+def extend_inductor_decompositions(decompositions: dict, then: Callable[[], None]) -> None:
+    """``decompositions`` in inductor's default table, then ``then()``: now if inductor is
+    loaded, else when it loads (WARNING if a torch release moved the table: the ops then run
+    opaque, correct)."""
 
     def extend(module) -> None:
         table = getattr(module, "decompositions", None)
@@ -270,6 +271,7 @@ def extend_inductor_decompositions(decompositions: dict) -> None:
                      'backend="bnfx" fuses them')
             return
         table.update(decompositions)
+        then()
 
     module = sys.modules.get(_INDUCTOR_DECOMPOSITIONS)
     if module is not None:
@@ -310,18 +312,14 @@ def aot_eager_compile(gm, example_inputs):
     return aot_eager(gm, example_inputs)
 
 
-def inductor_compile(gm, example_inputs, mode: str | None, decompositions: dict):
-    """Inductor on ``gm`` with its default decompositions and ``decompositions`` over them, in
-    torch.compile's ``mode``, with the AOTAutograd cache off: it keys on Dynamo's graph, not on
-    the decomposition table, so it would serve code compiled without these decompositions."""
+def inductor_compile(gm, example_inputs, mode: str | None):
+    """Inductor on ``gm`` in torch.compile's ``mode``, with its default decompositions (bnfx's
+    among them). A table passed to inductor would turn its FX graph cache off: it cannot key it."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
     patches = list_mode_options(mode) if mode not in (None, "default") else None
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches,
-                          decompositions={**select_decomp_table(), **decompositions})
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 # -- Dynamo: its compile-start callbacks, and the frame a compile on this thread compiles

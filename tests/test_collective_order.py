@@ -8,6 +8,7 @@ compiler; the ``reordering`` backend schedules them differently on each rank on 
 from __future__ import annotations
 
 import operator
+import os
 
 import pytest
 import torch
@@ -43,6 +44,20 @@ INDUCTOR_CASES = [
 @pytest.mark.parametrize("door, name, layouts", INDUCTOR_CASES, ids=[door for door, _, _ in INDUCTOR_CASES])
 def test_inductor_keeps_every_rank_in_step(door, name, layouts):
     run_world(workers.steps_equal, 2, name, door, layouts, timeout=600)
+
+
+# The whole matrix: every inductor door, both models of parallel branches, every uneven layout
+# (the empty rank on the mlp). About 40 minutes on 2 cores: run with BNFX_FULL_MATRIX=1.
+INDUCTOR_DOORS = ["convert-inductor", "convert-max-autotune", "ddp-convert-inductor", "backend-inductor",
+                  "ddp-backend-inductor"]
+FULL_MATRIX = [(door, name, UNEVEN[:3]) for door in INDUCTOR_DOORS for name in ("branchy", "resnet18")] + [
+    (door, "mlp", UNEVEN) for door in INDUCTOR_DOORS]
+
+
+@pytest.mark.skipif(os.environ.get("BNFX_FULL_MATRIX") != "1", reason="the whole matrix: BNFX_FULL_MATRIX=1")
+@pytest.mark.parametrize("door, name, layouts", FULL_MATRIX, ids=[f"{d}-{n}" for d, n, _ in FULL_MATRIX])
+def test_every_inductor_door_keeps_every_rank_in_step(door, name, layouts):
+    run_world(workers.steps_equal, 2, name, door, layouts, timeout=1200)
 
 
 @pytest.mark.parametrize("mode", ["sync", "ghost"])
