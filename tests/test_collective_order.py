@@ -57,7 +57,7 @@ FULL_MATRIX = [(door, name, UNEVEN[:3]) for door in INDUCTOR_DOORS for name in (
 @pytest.mark.skipif(os.environ.get("BNFX_FULL_MATRIX") != "1", reason="the whole matrix: BNFX_FULL_MATRIX=1")
 @pytest.mark.parametrize("door, name, layouts", FULL_MATRIX, ids=[f"{d}-{n}" for d, n, _ in FULL_MATRIX])
 def test_every_inductor_door_keeps_every_rank_in_step(door, name, layouts):
-    run_world(workers.steps_equal, 2, name, door, layouts, timeout=1200)
+    run_world(workers.steps_equal, 2, name, door, layouts, timeout=2400, pg_timeout=900)  # (cold compiles)
 
 
 @pytest.mark.parametrize("mode", ["sync", "ghost"])
