@@ -49,8 +49,7 @@ def child(args) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10) if args.model == "resnet18" else \
-        getattr(torchvision.models, args.model)(num_classes=10)
+    model = getattr(torchvision.models, args.model)(num_classes=10)
     variant = args.child
     if variant == "backend ghost":
         net = torch.compile(model, backend="bnfx", options={"ghost_batch_size": args.ghost})

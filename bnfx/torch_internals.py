@@ -267,8 +267,8 @@ def extend_inductor_decompositions(decompositions: dict, then: Callable[[], None
         table = getattr(module, "decompositions", None)
         if not isinstance(table, dict):
             _missing(f"{_INDUCTOR_DECOMPOSITIONS}.decompositions",
-                     "under torch.compile's default backend bnfx's ops run opaque (correct, not fused); "
-                     'backend="bnfx" fuses them')
+                     "under inductor (torch.compile's default backend and backend=\"bnfx\") bnfx's ops run "
+                     "opaque (correct, not fused)")
             return
         table.update(decompositions)
         then()

@@ -38,7 +38,7 @@ def _ranks(world_size: int):
 
 def _expect(sequence, run, cache_dir) -> None:
     """Each ``(spec, expected)`` in turn: ``expected`` is "hit" or "miss" of the AOTAutograd
-    cache; the first spec fills the cache."""
+    cache, or None where either is right (a spec that fills the cache)."""
     outcomes = []
     for spec, expected in sequence:
         counters = run(spec, cache_dir)
@@ -62,31 +62,25 @@ def test_ghost_warm_starts_hit_only_the_same_bnfx_and_options(door, tmp_path):
     ], _one_process, str(tmp_path))
 
 
-def test_sync_warm_starts_hit_only_the_same_options():
+def test_sync_warm_starts_hit_only_the_same_options(tmp_path):
     """2 ranks: ghost, then sync, then sync frozen, then sync again; a changed sync
     decomposition compiles anew."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache_dir:
-        spec = {"door": "backend", "options": {"sync": True}}
-        _expect([
-            ({"door": "backend", "options": GHOST_4}, None),
-            (spec, "miss"),
-            ({**spec, "options": {"sync": True, "freeze": True}}, "miss"),
-            (spec, "hit"),
-            ({**spec, "change": "decomposition"}, "miss"),
-            ({"door": "convert", "options": {"sync": True}}, None),
-            ({"door": "convert", "options": {"sync": True}}, "hit"),
-        ], _ranks(2), cache_dir)
+    spec = {"door": "backend", "options": {"sync": True}}
+    _expect([
+        ({"door": "backend", "options": GHOST_4}, None),
+        (spec, "miss"),
+        ({**spec, "options": {"sync": True, "freeze": True}}, "miss"),
+        (spec, "hit"),
+        ({**spec, "change": "decomposition"}, "miss"),
+        ({"door": "convert", "options": {"sync": True}}, None),
+        ({"door": "convert", "options": {"sync": True}}, "hit"),
+    ], _ranks(2), str(tmp_path))
 
 
-def test_a_sync_group_of_another_size_compiles_anew():
+def test_a_sync_group_of_another_size_compiles_anew(tmp_path):
     """4 ranks: over the world, then in blocks of 2 (the same graph but for the group)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache_dir:
-        _expect([
-            ({"door": "backend", "options": {"sync": True}}, None),
-            ({"door": "backend", "options": {"sync": True, "group_size": 2}}, "miss"),
-            ({"door": "backend", "options": {"sync": True, "group_size": 2}}, "hit"),
-        ], _ranks(4), cache_dir)
+    _expect([
+        ({"door": "backend", "options": {"sync": True}}, None),
+        ({"door": "backend", "options": {"sync": True, "group_size": 2}}, "miss"),
+        ({"door": "backend", "options": {"sync": True, "group_size": 2}}, "hit"),
+    ], _ranks(4), str(tmp_path))
