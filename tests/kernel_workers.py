@@ -5,6 +5,7 @@ on this rank's share of one batch."""
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnfx  # noqa: F401
-from bnfx.ops import DECOMPOSITIONS, device_kernels
+from bnfx.ops import DECOMPOSITIONS, device_kernels, ghost_batch_norm
 from bnfx.ops.sync_batch_norm import sync_batch_norm, sync_batch_norm_backward
 
 KERNELS = ("cpu-extension", "default", "triton")
@@ -50,17 +51,28 @@ def run_cuda_kernel(op_def, *args):
 
 
 class Decomposed(TorchDispatchMode):
-    """Runs each bnfx op that has one as its decomposition (what inductor compiles), eagerly."""
+    """Runs each bnfx op that has one as its decomposition (what inductor compiles), eagerly:
+    the form for a shape known when compiling, or with ``indexed`` the ghost op's form for a
+    symbolic batch size (``dynamic=True``)."""
+
+    def __init__(self, indexed: bool = False) -> None:
+        super().__init__()
+        self.indexed = indexed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
+        with mock.patch.object(ghost_batch_norm, "_shape_known", lambda input: not self.indexed):
+            return DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
 
 
 def run_kernel(kernel: str, op_def, *args):
     """``op_def`` through one of ``KERNELS``, on CPU tensors, or through its "decomposition"."""
     if kernel == "triton":
         return run_cuda_kernel(op_def, *args)
-    contexts = {"default": lambda: device_kernels.default_bodies("cpu"), "decomposition": Decomposed}
+    contexts = {
+        "default": lambda: device_kernels.default_bodies("cpu"),
+        "decomposition": Decomposed,
+        "decomposition-indexed": lambda: Decomposed(indexed=True),
+    }
     with contexts.get(kernel, contextlib.nullcontext)():
         return op_def(*args)
 

@@ -388,11 +388,83 @@ if device_kernels.triton_launchers() is not None:
     )
 
 
-# Decompositions into primitive ops, for compilers that fuse them (inductor). They index
-# chunks instead of slicing segments, so that nothing depends on the batch size's value:
-# compiled for a dynamic batch, one graph serves every size. Statistics: one Welford
-# reduction per (sample, channel) of values shifted by one of them, merged per chunk with
-# Chan's formula.
+# Decompositions into primitive ops, for compilers that fuse them (inductor), in two forms:
+#
+# - a shape known when compiling (the usual case): the default body's segments (views
+#   [chunks, size, C, ...]), one Welford reduction per segment of values shifted by each
+#   chunk's first value, then one pass over the input for the output in its layout. Inductor
+#   compiles it as it compiles torch's own batch norm: as many kernels, about the same compile
+#   time. It is not the default body itself, which writes in place.
+# - a symbolic shape (dynamic=True): chunks indexed instead of sliced, so that nothing depends
+#   on the batch size's value and one graph serves every size: one Welford reduction per
+#   (sample, channel), merged per chunk with Chan's formula.
+
+
+def _segment_forward(input, weight, bias, ghost_batch_size, eps):
+    """``(out, save_mean, save_invstd, unbiased_var)``: statistics from the segments of
+    ``input``, the output from one pass over it (in its layout)."""
+    dtype = contract.stat_dtype(input)
+    values = input.to(dtype)
+    pivots, offsets, biased_vars, unbiased_vars = [], [], [], []
+    for x in _segments(values, ghost_batch_size):  # 1 or 2 views
+        # Reduce differences from each chunk's first value, not raw values: far from zero
+        # (mean/std = 1e6) a float32 Welford mean would stop moving and the variance with it.
+        pivot = x[(slice(None), slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 3)].detach()
+        var, offset = torch.var_mean(x - pivot, dim=_chunk_dims(x), correction=0, keepdim=True)
+        size = _values_per_channel(x)
+        pivots.append(_per_chunk_view(pivot))
+        offsets.append(_per_chunk_view(offset))
+        biased_vars.append(_per_chunk_view(var))
+        unbiased_vars.append(biased_vars[-1] * (size / max(size - 1, 1)))
+    pivot, offset = _cat(pivots), _cat(offsets)  # [nchunks, C]
+    invstd = torch.rsqrt(_cat(biased_vars) + eps)
+    scale = invstd if weight is None else invstd * weight
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    # x - pivot is exact near the mean, and the offset small
+    out = (values - _per_sample(pivot, chunk_size, input) - _per_sample(offset, chunk_size, input)) \
+        * _per_sample(scale, chunk_size, input)
+    if bias is not None:
+        out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
+    return out.to(input.dtype), pivot + offset, invstd, _cat(unbiased_vars)
+
+
+def _segment_backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+    """``(grad_input, sum_dy, sum_dy_xmu)``: sums from the segments, the gradient from one pass."""
+    dtype = contract.stat_dtype(input)
+    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
+    dy = grad_out.to(dtype)
+    centered = input.to(dtype) - _per_sample(save_mean, chunk_size, input)
+    sums_dy, sums_dy_xmu, means_dy, means_dy_xmu = [], [], [], []
+    for dy_part, centered_part in zip(_segments(dy, ghost_batch_size), _segments(centered, ghost_batch_size)):
+        size = _values_per_channel(dy_part)
+        sums_dy.append(dy_part.sum(_chunk_dims(dy_part)))  # [chunks, C]
+        sums_dy_xmu.append((dy_part * centered_part).sum(_chunk_dims(dy_part)))
+        means_dy.append(sums_dy[-1] / size)
+        means_dy_xmu.append(sums_dy_xmu[-1] / size)
+    # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd
+    a = save_invstd if weight is None else save_invstd * weight
+    k = _cat(means_dy_xmu) * save_invstd * save_invstd
+    grad_input = _per_sample(a, chunk_size, input) * (
+        dy - _per_sample(_cat(means_dy), chunk_size, input) - centered * _per_sample(k, chunk_size, input)
+    )
+    return grad_input.to(input.dtype), _cat(sums_dy), _cat(sums_dy_xmu)
+
+
+def _per_sample(per_chunk: Tensor, chunk_size: int, like: Tensor) -> Tensor:
+    """[nchunks, C] -> [B, C, 1, ...]: each sample's chunk value, broadcast against ``like``."""
+    nchunks, channels = per_chunk.shape
+    rows = per_chunk.unsqueeze(1).expand(nchunks, chunk_size, channels).reshape(nchunks * chunk_size, channels)
+    return rows[: like.shape[0]].view((like.shape[0], channels) + (1,) * (like.dim() - 2))
+
+
+def _chunk_dims(segment: Tensor) -> tuple[int, ...]:
+    """A segment's dimensions reduced per (chunk, channel): the samples and the spatial ones."""
+    return (1,) + tuple(range(3, segment.dim()))
+
+
+def _per_chunk_view(kept: Tensor) -> Tensor:
+    """[chunks, 1, C, 1, ...] (a keepdim reduction over a segment) -> [chunks, C]."""
+    return kept.view(kept.shape[0], kept.shape[2])
 
 
 def _chunk_index(input: Tensor, ghost_batch_size: int) -> tuple[Tensor, tuple[int, int]]:
@@ -433,11 +505,8 @@ def _chunk_sizes(input: Tensor, layout: tuple[int, int], dtype: torch.dtype) -> 
     return samples * input[0, 0].numel()
 
 
-def ghost_batch_norm_decomposition(
-    input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
-):
-    if _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
-        return _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size)
+def _indexed_forward(input, weight, bias, ghost_batch_size, eps):
+    """``(out, save_mean, save_invstd, unbiased_var)`` with chunks indexed: any batch size."""
     dtype = contract.stat_dtype(input)
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     values = input.to(dtype)
@@ -457,21 +526,17 @@ def ghost_batch_norm_decomposition(
     offset = _per_chunk(sample_mean, layout) * per_sample / sizes  # [nchunks, C], the mean of x - shift
     deviation = sample_mean - offset[chunk_of]
     m2 = _per_chunk(sample_var + deviation * deviation, layout) * per_sample
-    mean = shift + offset
     invstd = torch.rsqrt(m2 / sizes + eps)
     scale = invstd if weight is None else invstd * weight
     shifted = values - _to_samples(shift, chunk_of, input)
     out = (shifted - _to_samples(offset, chunk_of, input)) * _to_samples(scale, chunk_of, input)
     if bias is not None:
         out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
-    unbiased = m2 / (sizes - 1).clamp(min=1)
-    state = _new_state(input, running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
-    return (out.to(input.dtype), *state, mean, invstd)
+    return out.to(input.dtype), shift + offset, invstd, m2 / (sizes - 1).clamp(min=1)
 
 
-def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
-    if input.numel() == 0:
-        return contract.empty_input_grads(input, weight)
+def _indexed_backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
+    """``(grad_input, sum_dy, sum_dy_xmu)`` with chunks indexed: any batch size."""
     dtype = contract.stat_dtype(input)
     chunk_of, layout = _chunk_index(input, ghost_batch_size)
     dy = grad_out.to(dtype)
@@ -484,7 +549,30 @@ def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, 
     grad_input = _to_samples(scale, chunk_of, input) * (
         dy - _to_samples(sum_dy / sizes, chunk_of, input) - centered * _to_samples(k, chunk_of, input)
     )
-    return _input_and_affine_grads(input, weight, grad_input.to(input.dtype), sum_dy, sum_dy_xmu, save_invstd)
+    return grad_input.to(input.dtype), sum_dy, sum_dy_xmu
+
+
+def _shape_known(input: Tensor) -> bool:
+    return all(isinstance(size, int) for size in input.shape)
+
+
+def ghost_batch_norm_decomposition(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps
+):
+    if _check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, ghost_batch_size, momentum, eps):
+        return _empty_outputs(input, running_mean, running_var, num_batches_tracked, ghost_batch_size)
+    forward = _segment_forward if _shape_known(input) else _indexed_forward
+    out, mean, invstd, unbiased = forward(input, weight, bias, ghost_batch_size, eps)
+    state = _new_state(input, running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
+    return (out, *state, mean, invstd)
+
+
+def ghost_batch_norm_backward_decomposition(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size, eps):
+    if input.numel() == 0:
+        return contract.empty_input_grads(input, weight)
+    backward = _segment_backward if _shape_known(input) else _indexed_backward
+    grad_input, sum_dy, sum_dy_xmu = backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size)
+    return _input_and_affine_grads(input, weight, grad_input, sum_dy, sum_dy_xmu, save_invstd)
 
 
 DECOMPOSITIONS = {

@@ -9,7 +9,8 @@ from world_of_one import world_of_one
 _KERNELS = {
     "fused-cpu": contextlib.nullcontext,  # the C++ CPU kernels, as registered
     "views": lambda: device_kernels.default_bodies("cpu"),  # the ops' default bodies (PyTorch ops)
-    "decomposition": Decomposed,
+    "decomposition": Decomposed,  # for a shape known when compiling
+    "decomposition-indexed": lambda: Decomposed(indexed=True),  # the ghost op's, for a symbolic batch size
 }
 
 
@@ -20,9 +21,9 @@ def kernel(request):
         yield request.param
 
 
-@pytest.fixture(params=["fused-cpu", "views", "decomposition"])
+@pytest.fixture(params=["fused-cpu", "views", "decomposition", "decomposition-indexed"])
 def kernel_or_decomposition(request):
-    """``kernel``, and the ops' inductor decompositions too."""
+    """``kernel``, and the ops' inductor decompositions too (both of the ghost op's forms)."""
     with _KERNELS[request.param]():
         yield request.param
 

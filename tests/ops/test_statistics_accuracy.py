@@ -32,7 +32,7 @@ def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
     assert errors["running_var"] <= torch_errors["running_var"] + 2 * ULP, (errors, torch_errors)
 
 
-@pytest.mark.parametrize("kernel", kernel_workers.KERNELS_AND_DECOMPOSITION)
+@pytest.mark.parametrize("kernel", kernel_workers.KERNELS_AND_DECOMPOSITION + ("decomposition-indexed",))
 @pytest.mark.parametrize(
     "shape,g,memory_format",
     [
@@ -45,22 +45,38 @@ def assert_no_worse_than_torch(errors: dict, torch_errors: dict) -> None:
 )
 def test_ghost(kernel, shape, g, memory_format):
     x = ill_conditioned(shape).to(memory_format=memory_format)
-    channels, nchunks = shape[1], shape[0] // g
-    zeros = torch.zeros(channels)
+    zeros = torch.zeros(shape[1])
     out, _, new_var, *_ = kernel_workers.run_kernel(
         kernel, ghost_batch_norm, x, None, None, zeros, zeros.clone(), None, g, 1.0, 1e-5
     )
+    assert_no_worse_than_torch(*ghost_errors(x, g, out, new_var))
+
+
+def test_ghost_compiled_by_inductor():
+    """What inductor generates from the decomposition (its own float32 Welford reductions),
+    with a shorter last chunk: 30 samples in chunks of 8, 8, 8 and 6."""
+    x = ill_conditioned((30, 4, 5, 5))
+    layer = bnfx.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4, affine=False, momentum=1.0)), ghost_batch_size=8)
+    layer[0].running_var.zero_()  # as ghost_errors' references start
+    torch._dynamo.reset()
+    out = torch.compile(layer, fullgraph=True)(x)
+    assert_no_worse_than_torch(*ghost_errors(x, 8, out, layer[0].running_var))
+
+
+def ghost_errors(x, g, out, new_var) -> tuple[dict, dict]:
+    """Errors of a ghost result (running statistics from 0 with momentum 1) and of torch's batch
+    norm on each chunk in float32."""
+    channels, chunks = x.shape[1], x.chunk(-(-x.shape[0] // g))
     # Composer's running statistics: each chunk updates them with momentum 1 / nchunks, in
     # order; torch's batch norm per chunk does exactly that, in float32 and in float64
-    chunks = x.double().unflatten(0, (nchunks, g))
-    exact_out = torch.cat([F.batch_norm(c, None, None, training=True, eps=1e-5) for c in chunks])
+    exact_out = torch.cat([F.batch_norm(c.double(), None, None, training=True, eps=1e-5) for c in chunks])
     exact_var = torch.zeros(channels, dtype=torch.float64)
     torch_var = torch.zeros(channels)
     torch_outs = []
-    for exact_chunk, chunk in zip(chunks, x.unflatten(0, (nchunks, g))):
-        F.batch_norm(exact_chunk, torch.zeros_like(exact_var), exact_var, training=True, momentum=1.0 / nchunks)
+    for chunk in chunks:
+        F.batch_norm(chunk.double(), torch.zeros_like(exact_var), exact_var, training=True, momentum=1.0 / len(chunks))
         torch_outs.append(
-            F.batch_norm(chunk, torch.zeros(channels), torch_var, training=True, momentum=1.0 / nchunks, eps=1e-5)
+            F.batch_norm(chunk, torch.zeros(channels), torch_var, training=True, momentum=1.0 / len(chunks), eps=1e-5)
         )
 
     def errors(out, running_var):
@@ -69,8 +85,7 @@ def test_ghost(kernel, shape, g, memory_format):
             "running_var": ((running_var.double() - exact_var).abs() / exact_var).max().item(),
         }
 
-    torch_errors = errors(torch.cat(torch_outs), torch_var)
-    assert_no_worse_than_torch(errors(out, new_var), torch_errors)
+    return errors(out, new_var), errors(torch.cat(torch_outs), torch_var)
 
 
 @pytest.mark.parametrize("shape,sizes", [((4, 5, 5), (13, 19)), ((64,), (100, 156))])
