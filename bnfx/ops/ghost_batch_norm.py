@@ -155,10 +155,12 @@ def _new_running_stats(
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
     means, unbiased_vars = means.to(running_mean.dtype), unbiased_vars.to(running_var.dtype)
-    # [nchunks] 0, 1, ..., nchunks - 1; the chunk count as a tensor, so that a symbolic batch
-    # size makes no Python float (which compilers would specialize on)
-    index = torch.arange(means.shape[0], dtype=means.dtype, device=means.device)
-    nchunks = index[-1] + 1
+    index = torch.arange(means.shape[0], dtype=means.dtype, device=means.device)  # [nchunks] 0, 1, ...
+    nchunks = means.shape[0]
+    if not isinstance(nchunks, int):
+        # a symbolic batch size: the chunk count as a tensor, so that it makes no Python float
+        # (which compilers would specialize on)
+        nchunks = index[-1] + 1
     if momentum is None:
         # Each chunk is one batch of the cumulative average, after the batches seen before.
         seen = num_batches_tracked.to(running_mean.dtype)
@@ -392,74 +394,75 @@ if device_kernels.triton_launchers() is not None:
 #
 # - a shape known when compiling (the usual case): the default body's segments (views
 #   [chunks, size, C, ...]), one Welford reduction per segment of values shifted by each
-#   chunk's first value, then one pass over the input for the output in its layout. Inductor
-#   compiles it as it compiles torch's own batch norm: as many kernels, about the same compile
-#   time. It is not the default body itself, which writes in place.
+#   chunk's first value, everything else on the same views. Inductor compiles it into as many
+#   kernels as torch's own batch norm. It is not the default body itself, which writes in
+#   place.
 # - a symbolic shape (dynamic=True): chunks indexed instead of sliced, so that nothing depends
 #   on the batch size's value and one graph serves every size: one Welford reduction per
 #   (sample, channel), merged per chunk with Chan's formula.
 
 
 def _segment_forward(input, weight, bias, ghost_batch_size, eps):
-    """``(out, save_mean, save_invstd, unbiased_var)``: statistics from the segments of
-    ``input``, the output from one pass over it (in its layout)."""
+    """``(out, save_mean, save_invstd, unbiased_var)`` from the segments of ``input``."""
     dtype = contract.stat_dtype(input)
-    values = input.to(dtype)
-    pivots, offsets, biased_vars, unbiased_vars = [], [], [], []
-    for x in _segments(values, ghost_batch_size):  # 1 or 2 views
+    outs, means, invstds, unbiased_vars = [], [], [], []
+    for x in _segments(input.to(dtype), ghost_batch_size):  # 1 or 2 views
         # Reduce differences from each chunk's first value, not raw values: far from zero
         # (mean/std = 1e6) a float32 Welford mean would stop moving and the variance with it.
         pivot = x[(slice(None), slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 3)].detach()
         var, offset = torch.var_mean(x - pivot, dim=_chunk_dims(x), correction=0, keepdim=True)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * _channels(weight, x)
+        out = (x - pivot - offset) * scale  # x - pivot is exact near the mean, and the offset small
+        if bias is not None:
+            out = out + _channels(bias, x)
+        outs.append(out.flatten(0, 1))
         size = _values_per_channel(x)
-        pivots.append(_per_chunk_view(pivot))
-        offsets.append(_per_chunk_view(offset))
-        biased_vars.append(_per_chunk_view(var))
-        unbiased_vars.append(biased_vars[-1] * (size / max(size - 1, 1)))
-    pivot, offset = _cat(pivots), _cat(offsets)  # [nchunks, C]
-    invstd = torch.rsqrt(_cat(biased_vars) + eps)
-    scale = invstd if weight is None else invstd * weight
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    # x - pivot is exact near the mean, and the offset small
-    out = (values - _per_sample(pivot, chunk_size, input) - _per_sample(offset, chunk_size, input)) \
-        * _per_sample(scale, chunk_size, input)
-    if bias is not None:
-        out = out + bias.view((-1,) + (1,) * (input.dim() - 2))
-    return out.to(input.dtype), pivot + offset, invstd, _cat(unbiased_vars)
+        means.append(_per_chunk_view(pivot + offset))
+        invstds.append(_per_chunk_view(invstd))
+        unbiased_vars.append(_per_chunk_view(var) * (size / max(size - 1, 1)))
+    return _joined(outs, input), _cat(means), _cat(invstds), _cat(unbiased_vars)
 
 
 def _segment_backward(grad_out, input, weight, save_mean, save_invstd, ghost_batch_size):
-    """``(grad_input, sum_dy, sum_dy_xmu)``: sums from the segments, the gradient from one pass."""
+    """``(grad_input, sum_dy, sum_dy_xmu)`` from the segments of ``grad_out`` and ``input``."""
     dtype = contract.stat_dtype(input)
-    chunk_size = ghost_chunk_layout(input.shape[0], ghost_batch_size)[0]
-    dy = grad_out.to(dtype)
-    centered = input.to(dtype) - _per_sample(save_mean, chunk_size, input)
-    sums_dy, sums_dy_xmu, means_dy, means_dy_xmu = [], [], [], []
-    for dy_part, centered_part in zip(_segments(dy, ghost_batch_size), _segments(centered, ghost_batch_size)):
-        size = _values_per_channel(dy_part)
-        sums_dy.append(dy_part.sum(_chunk_dims(dy_part)))  # [chunks, C]
-        sums_dy_xmu.append((dy_part * centered_part).sum(_chunk_dims(dy_part)))
-        means_dy.append(sums_dy[-1] / size)
-        means_dy_xmu.append(sums_dy_xmu[-1] / size)
-    # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd
-    a = save_invstd if weight is None else save_invstd * weight
-    k = _cat(means_dy_xmu) * save_invstd * save_invstd
-    grad_input = _per_sample(a, chunk_size, input) * (
-        dy - _per_sample(_cat(means_dy), chunk_size, input) - centered * _per_sample(k, chunk_size, input)
-    )
-    return grad_input.to(input.dtype), _cat(sums_dy), _cat(sums_dy_xmu)
+    start, grads, sums_dy, sums_dy_xmu = 0, [], [], []
+    for dy, x in zip(_segments(grad_out.to(dtype), ghost_batch_size), _segments(input.to(dtype), ghost_batch_size)):
+        chunks, size = x.shape[0], _values_per_channel(x)
+        mean, invstd = save_mean[start : start + chunks], save_invstd[start : start + chunks]
+        start += chunks
+        centered = x - _broadcast(mean, x)
+        sum_dy = dy.sum(_chunk_dims(x))  # [chunks, C]
+        sum_dy_xmu = (dy * centered).sum(_chunk_dims(x))
+        # dx = a (dy - mean(dy) - (x - mean) invstd^2 mean(dy (x - mean))), a = weight * invstd
+        a = invstd if weight is None else invstd * weight
+        k = sum_dy_xmu / size * invstd * invstd
+        grad = _broadcast(a, x) * (dy - _broadcast(sum_dy / size, x) - centered * _broadcast(k, x))
+        grads.append(grad.flatten(0, 1))
+        sums_dy.append(sum_dy)
+        sums_dy_xmu.append(sum_dy_xmu)
+    return _joined(grads, input), _cat(sums_dy), _cat(sums_dy_xmu)
 
 
-def _per_sample(per_chunk: Tensor, chunk_size: int, like: Tensor) -> Tensor:
-    """[nchunks, C] -> [B, C, 1, ...]: each sample's chunk value, broadcast against ``like``."""
-    nchunks, channels = per_chunk.shape
-    rows = per_chunk.unsqueeze(1).expand(nchunks, chunk_size, channels).reshape(nchunks * chunk_size, channels)
-    return rows[: like.shape[0]].view((like.shape[0], channels) + (1,) * (like.dim() - 2))
+def _joined(per_segment: list[Tensor], like: Tensor) -> Tensor:
+    """The segments' results as one tensor of ``like``'s dtype and memory format (a cat with a
+    one-sample segment, whose strides say no format, would fall back to contiguous)."""
+    joined = _cat(per_segment).to(like.dtype)
+    for memory_format in (torch.channels_last, torch.channels_last_3d):
+        if len(per_segment) > 1 and like.is_contiguous(memory_format=memory_format) and not like.is_contiguous():
+            return joined.contiguous(memory_format=memory_format)
+    return joined
 
 
 def _chunk_dims(segment: Tensor) -> tuple[int, ...]:
     """A segment's dimensions reduced per (chunk, channel): the samples and the spatial ones."""
     return (1,) + tuple(range(3, segment.dim()))
+
+
+def _channels(per_channel: Tensor, segment: Tensor) -> Tensor:
+    """[C] -> [1, 1, C, 1, ...], to broadcast against ``segment``."""
+    return per_channel.view((1, 1, -1) + (1,) * (segment.dim() - 3))
 
 
 def _per_chunk_view(kept: Tensor) -> Tensor:
