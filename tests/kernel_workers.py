@@ -57,11 +57,20 @@ class Decomposed(TorchDispatchMode):
 
     def __init__(self, indexed: bool = False) -> None:
         super().__init__()
-        self.indexed = indexed
+        self.symbolic = mock.patch.object(ghost_batch_norm, "_shape_known", lambda input: False) if indexed else None
+
+    def __enter__(self):
+        if self.symbolic is not None:
+            self.symbolic.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        if self.symbolic is not None:
+            self.symbolic.stop()
+        return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        with mock.patch.object(ghost_batch_norm, "_shape_known", lambda input: not self.indexed):
-            return DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
+        return DECOMPOSITIONS.get(func, func)(*args, **(kwargs or {}))
 
 
 def run_kernel(kernel: str, op_def, *args):

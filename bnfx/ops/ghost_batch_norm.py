@@ -394,9 +394,9 @@ if device_kernels.triton_launchers() is not None:
 #
 # - a shape known when compiling (the usual case): the default body's segments (views
 #   [chunks, size, C, ...]), one Welford reduction per segment of values shifted by each
-#   chunk's first value, everything else on the same views. Inductor compiles it into as many
-#   kernels as torch's own batch norm. It is not the default body itself, which writes in
-#   place.
+#   chunk's first value, everything else on the same views. Inductor compiles it into about
+#   as many kernels as torch's own batch norm (README, "Under inductor"). It is not the
+#   default body itself, which writes in place.
 # - a symbolic shape (dynamic=True): chunks indexed instead of sliced, so that nothing depends
 #   on the batch size's value and one graph serves every size: one Welford reduction per
 #   (sample, channel), merged per chunk with Chan's formula.
@@ -449,8 +449,10 @@ def _joined(per_segment: list[Tensor], like: Tensor) -> Tensor:
     """The segments' results as one tensor of ``like``'s dtype and memory format (a cat with a
     one-sample segment, whose strides say no format, would fall back to contiguous)."""
     joined = _cat(per_segment).to(like.dtype)
+    if len(per_segment) == 1 or like.is_contiguous():
+        return joined
     for memory_format in (torch.channels_last, torch.channels_last_3d):
-        if len(per_segment) > 1 and like.is_contiguous(memory_format=memory_format) and not like.is_contiguous():
+        if like.is_contiguous(memory_format=memory_format):
             return joined.contiguous(memory_format=memory_format)
     return joined
 
